@@ -1,0 +1,1 @@
+"""MiniGPT-Pancreas backend: the MiniGPT-v2 model, the inference engine, the HTTP service and the CLI."""

@@ -1,0 +1,1 @@
+"""MiniGPT-Pancreas training: dataset preparation, the cascaded LoRA fine-tune, evaluation and export."""
