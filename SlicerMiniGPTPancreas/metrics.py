@@ -27,7 +27,7 @@ class Variant(str, Enum):
     E1 = "E1"  # paper era: +1 IoU, hit IoU > 0.5, means over ALL samples (failures 0); no balanced-set rule
     E2 = "E2"  # continuous IoU, hit >= 0.5, means over all samples; balanced: TP/TN/FP/FN, IoU over TP only
     E3 = "E3"  # HEAD: as E2 but means over PARSED samples only; detection accuracy still hits / all samples
-    STRICT = "STRICT"  # ours: our grammar, cell-centre decoding, continuous IoU, failures are IoU 0 everywhere
+    STRICT = "STRICT"  # ours: cell-centre decoding, IoU of the pixels' extent, failures are IoU 0 everywhere
 
     @property
     def description(self) -> str:
@@ -39,7 +39,7 @@ _DESCRIPTIONS = {
     Variant.E1: "upstream paper era: +1 IoU, floor decoding, hit IoU > 0.5, mean over all samples",
     Variant.E2: "upstream E2: continuous IoU, floor decoding, hit >= 0.5, mean over all samples (balanced: TP)",
     Variant.E3: "upstream HEAD: continuous IoU, floor decoding, hit >= 0.5, mean over parsed answers only",
-    Variant.STRICT: "strict: continuous IoU, cell-centre decoding, hit >= 0.5, failed answers count as IoU 0",
+    Variant.STRICT: "strict: IoU of pixel extents, cell-centre decoding, hit >= 0.5, failed answers count as IoU 0",
 }
 
 
@@ -197,7 +197,9 @@ def _score_sample(index: int, answer: object, truth: Box | None, size: tuple[int
     if counted:
         iou, dice = (0.0, 0.0)
         if failure is None and box is not None and truth is not None:
-            convention: Convention = "plus_one" if variant is Variant.E1 else "continuous"
+            # E1 and STRICT measure the pixels' real extent (an inclusive index box x0..x1 covers x1-x0+1 pixels),
+            # so a one-pixel-wide truth is not scored 0; E2/E3 keep upstream's continuous formula.
+            convention: Convention = "plus_one" if variant in (Variant.E1, Variant.STRICT) else "continuous"
             iou, dice = _raw_iou_dice(box, truth, convention)
     hit = iou is not None and is_hit(iou, variant)
     return SampleScore(index, failure, box, pred_absent, truth is None, iou, dice, hit, outcome)

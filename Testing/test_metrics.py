@@ -63,12 +63,16 @@ def test_hit_threshold_is_strict_only_in_e1():
 #  B "{<10><10><20><30>}": floor (20, 20, 40, 60): inter 20*40 = 800, areas 800 + 1600, union 1600 -> 0.5,
 #    Dice 1600/2400. +1: inter 21*41 = 861, areas 861 + 41*41 = 1681, union 1681 -> 861/1681 = 0.5122.
 #    centre (20.5, 20.5, 40.5, 60.5): inter 20*39.5 = 790, union 800 + 1600 - 790 = 1610 -> 790/1610 = 0.4907.
+#  STRICT scores pixel extents (+1 on inclusive indices):
+#    A centre: inter (60 - 20.5 + 1)^2 = 40.5^2 = 1640.25, areas 41^2 + 41^2, union 1721.75 -> 0.95266.
+#    B centre: inter (40.5 - 20.5 + 1) * (60 - 20.5 + 1) = 21 * 40.5 = 850.5, areas 21*41 = 861 and 1681,
+#      union 1691.5 -> 850.5/1691.5 = 0.50281 (a hit, where the continuous formula gave 0.4907).
 #  C a sentence: a failed parse.
 SIZE = (200, 200)
 TRUTH = (20, 20, 60, 60)
 A, B, C = "{<10><10><30><30>}", "{<10><10><20><30>}", "the pancreas is in the middle"
-IOU_A_CENTER = 1560.25 / 1639.75
-IOU_B_CENTER = 790 / 1610
+IOU_A_STRICT = 1640.25 / 1721.75
+IOU_B_STRICT = 850.5 / 1691.5
 
 
 def _evaluate(predictions, variant, truths=None, **options):
@@ -102,8 +106,8 @@ def test_e3_excludes_failures_from_the_mean_but_not_from_detection_accuracy():
 
 def test_strict_decodes_cell_centres_and_counts_failures_as_zero():
     report = _evaluate([A, B, C, None], Variant.STRICT)
-    assert report.mean_iou == pytest.approx((IOU_A_CENTER + IOU_B_CENTER + 0 + 0) / 4)
-    assert report.hits == 1  # 0.4907 misses
+    assert report.mean_iou == pytest.approx((IOU_A_STRICT + IOU_B_STRICT + 0 + 0) / 4)
+    assert report.hits == 2  # B: 0.50281 >= 0.5
     assert (report.n_failed, report.n_missing) == (2, 1)
     assert report.samples[0].pred_box == pytest.approx((20.5, 20.5, 60.5, 60.5))
     assert "no box" in report.samples[2].failure and report.samples[3].failure == "missing prediction"
@@ -165,7 +169,7 @@ def test_balanced_strict_counts_failed_answers_as_wrong():
     # accuracy 2/6; precision 1/(1+2); recall 1/(1+2); F1 1/3.
     assert (report.accuracy, report.precision, report.recall, report.f1) == pytest.approx((1 / 3,) * 4)
     # IoU over the three slices where the organ is present: TP 0.95152, FN 0, missing 0.
-    assert report.n_scored == 3 and report.mean_iou == pytest.approx(IOU_A_CENTER / 3)
+    assert report.n_scored == 3 and report.mean_iou == pytest.approx(IOU_A_STRICT / 3)
     assert report.hit_rate == pytest.approx(1 / 3)
 
 

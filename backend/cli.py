@@ -42,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("minigpt-pancreas: interrupted; nothing half-written was kept.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
+        # User-facing errors (bad input, missing or broken files, a full disk) carry a message that says what is
+        # wrong and what to do; show it without a traceback. Anything else is a bug and keeps its traceback.
+        print(f"minigpt-pancreas {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
