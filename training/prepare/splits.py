@@ -1,0 +1,114 @@
+"""One seeded train/test split by volume, shared by every task and every stage of the cascade.
+
+Upstream drew each task's split on its own and unseeded, so a tumour-test volume could train the pancreas
+detector of the same cascade (datasets.md, flaw 3). Here each volume gets ONE split, written to
+`OUT/splits.json`, and every task set is cut from it: no test volume of one task is a training volume of another.
+
+Rules, in order:
+1. Duplicate groups: volumes whose fingerprints match (`fingerprint.py`: exact hash or near duplicate), even in
+   different datasets, form one group (AbdomenCT-1K re-distributes NIH and MSD scans).
+2. `duplicates="same-split"` (default) keeps every copy and puts a whole group in one split;
+   `duplicates="drop"` keeps one copy per group, the first in dataset order nih, msd, abdomenct1k (then by
+   name), and lists the others under "dropped" so the task sets leave them out.
+3. Datasets are split in the order nih, msd, abdomenct1k. Within a dataset, volumes are sorted by name and
+   shuffled with `random.Random(f"{seed}/{dataset}")`; walking that order, a volume goes to test while the
+   dataset has fewer than int(test_ratio * N) test volumes (upstream's count), else to train. A volume
+   already placed through its group keeps that split (and counts).
+The split is a pure function of (volumes and their fingerprints, seed, test_ratio, duplicates): the same
+inputs give the same file, and adding AbdomenCT-1K never moves an NIH or MSD volume.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from training.prepare.files import DATASETS
+from training.prepare.fingerprint import is_near_duplicate
+
+DUPLICATE_POLICIES = ("same-split", "drop")
+
+
+def duplicate_groups(metas: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """Groups (size >= 2) of volumes that are the same scan, each member {"dataset", "volume", "match"}."""
+    keys = [(meta["dataset"], meta["volume"]) for meta in metas]
+    parent = list(range(len(metas)))
+    exact: set[tuple[int, int]] = set()
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_hash: dict[str, int] = {}
+    by_shape: dict[tuple, list[int]] = {}
+    for i, meta in enumerate(metas):
+        first = by_hash.setdefault(meta["volume_hash"], i)
+        if first != i:
+            parent[root(i)] = root(first)
+            exact.add((first, i))
+            continue
+        for j in by_shape.setdefault(tuple(meta["shape"]), []):
+            if root(i) != root(j) and is_near_duplicate(metas[j], meta):
+                parent[root(i)] = root(j)
+        by_shape[tuple(meta["shape"])].append(i)
+    members: dict[int, list[int]] = {}
+    for i in range(len(metas)):
+        members.setdefault(root(i), []).append(i)
+    groups = []
+    for indices in members.values():
+        if len(indices) < 2:
+            continue
+        hashes = [metas[i]["volume_hash"] for i in indices]
+        groups.append([{"dataset": keys[i][0], "volume": keys[i][1],
+                        "match": "exact" if hashes.count(metas[i]["volume_hash"]) > 1 else "near"}
+                       for i in sorted(indices, key=lambda i: _order(keys[i]))])
+    return sorted(groups, key=lambda group: _order((group[0]["dataset"], group[0]["volume"])))
+
+
+def make_splits(metas: list[dict[str, Any]], seed: int, test_ratio: float, duplicates: str) -> dict[str, Any]:
+    """The split document written to `OUT/splits.json` (see the module doc for the rules)."""
+    groups = duplicate_groups(metas)
+    group_of = {(m["dataset"], m["volume"]): [(g["dataset"], g["volume"]) for g in group]
+                for group in groups for m in group}
+    dropped = []
+    if duplicates == "drop":
+        dropped = [{"dataset": m["dataset"], "volume": m["volume"],
+                    "duplicate_of": f"{group[0]['dataset']}/{group[0]['volume']}"} for group in groups for m in group[1:]]
+    dropped_keys = {(d["dataset"], d["volume"]) for d in dropped}
+    assigned: dict[tuple[str, str], str] = {}
+    splits: dict[str, dict[str, list[str]]] = {}
+    for dataset in DATASETS:
+        names = sorted(m["volume"] for m in metas if m["dataset"] == dataset and (dataset, m["volume"]) not in
+                       dropped_keys)
+        if not names:
+            continue
+        random.Random(f"{seed}/{dataset}").shuffle(names)
+        wanted_test = int(test_ratio * len(names))
+        for name in names:
+            if (dataset, name) not in assigned:
+                in_test = sum(assigned.get((dataset, n)) == "test" for n in names)
+                split = "test" if in_test < wanted_test else "train"
+                for member in group_of.get((dataset, name), [(dataset, name)]):
+                    assigned[member] = split
+        splits[dataset] = {split: sorted(n for n in names if assigned[(dataset, n)] == split)
+                           for split in ("train", "test")}
+    return {"seed": seed, "test_ratio": test_ratio, "duplicates": duplicates, "splits": splits,
+            "duplicate_groups": groups, "dropped": dropped}
+
+
+def split_of(document: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """{(dataset, volume): "train" | "test"} of a split document; dropped volumes are absent."""
+    return {(dataset, volume): split for dataset, by_split in document["splits"].items()
+            for split, volumes in by_split.items() for volume in volumes}
+
+
+def moved_volumes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Volumes present in both documents whose split changed (to warn that a re-run moved them)."""
+    before, after = split_of(previous), split_of(current)
+    return sorted(f"{d}/{v}" for (d, v), split in after.items() if before.get((d, v), split) != split)
+
+
+def _order(key: tuple[str, str]) -> tuple[int, str]:
+    return DATASETS.index(key[0]), key[1]
