@@ -13,6 +13,9 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("backend.demo", "run the whole pipeline on a synthetic CT phantom and write boxes and overlays"),
+    "import-upstream": ("backend.commands.import_upstream",
+                        "convert the original eva_vit_g.pth + LLaMA-2 folder + MiniGPT .pth into a model folder"),
+    "info": ("backend.commands.info", "describe a model folder (and check its base files) or a MiniGPT .pth"),
 }
 
 

@@ -1,0 +1,167 @@
+"""This project's own model format: a folder that names its frozen base files and holds the trained tensors.
+
+    MODEL_DIR/
+      minigpt_model.json      format tag, MiniGPTConfig, base files (absolute paths, sizes, optional sha256)
+      trainable.safetensors   llama_proj, LoRA A/B and ln_vision, under upstream (peft 0.2.0) names, float32
+      tokenizer.model         copy of the LLaMA SentencePiece model
+
+The frozen weights (eva_vit_g.pth, ~2 GB; the LLaMA-2 folder, ~13 GB) are not copied. Loading checks that they
+are still the files the model was saved with: by size always, and by sha256 with `verify_hashes=True` (reads
+every byte: minutes for 13 GB). Hashes are recorded at save time unless `hash_base_files=False`, in which case
+only sizes can be checked. Moved base files can be given to `load_model` explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.checkpoint_io import CheckpointError, FileFingerprint, fingerprint, load_torch_file, sha256_of, tensor_dict
+from backend.checkpoints import BaseFiles, assemble_model
+from backend.config import ConfigError, MiniGPTConfig
+from backend.llm import llama_weight_files
+from backend.model import MiniGPTv2
+from backend.tokenizer import UpstreamLlamaTokenizer
+
+FORMAT_NAME = "minigpt-pancreas-model"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "minigpt_model.json"
+TENSORS_FILE = "trainable.safetensors"
+
+
+def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files: bool = True,
+                   overwrite: bool = False) -> Path:
+    """Write `model` as a model folder. The manifest is written last, so a folder without it is incomplete."""
+    from safetensors.torch import save_file
+
+    folder = Path(out_dir)
+    if (folder / MANIFEST_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{folder} already holds a model; choose another folder or pass overwrite=True.")
+    base: BaseFiles | None = getattr(model, "base_files", None)
+    if base is None:
+        raise CheckpointError("this model does not know its base files; build it with load_upstream or load_model.")
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().float().cpu().contiguous()
+               for name, tensor in model.trainable_state_dict().items()}
+    tensors.update({f"ln_vision.{key}": value.detach().float().cpu().contiguous()
+                    for key, value in model.ln_vision.state_dict().items()})
+    _atomic_write(folder / TENSORS_FILE, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT_NAME}))
+    model.tokenizer.save(folder)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "base": {
+            "vit_checkpoint": {"path": str(base.vit_checkpoint),
+                               **fingerprint(base.vit_checkpoint, hash_base_files).to_dict()},
+            "llama_dir": {"path": str(base.llama_dir), "files": {
+                file.name: fingerprint(file, hash_base_files).to_dict() for file in _llama_files(base.llama_dir)}},
+        },
+        "imported_from": str(base.imported_from) if base.imported_from else None,
+        "tensors": {"file": TENSORS_FILE, "sha256": sha256_of(folder / TENSORS_FILE)},
+    }
+    text = json.dumps(manifest, indent=2)
+    _atomic_write(folder / MANIFEST_FILE, lambda temp: Path(temp).write_text(text))
+    return folder
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of a model folder."""
+    folder = Path(model_dir)
+    file = folder / MANIFEST_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{folder} is not a model folder: {MANIFEST_FILE} is missing. Create one with "
+                              "`minigpt-pancreas import-upstream` (or finish an interrupted save).")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {file}: {error}. Re-create the model folder.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{file} is not a {FORMAT_NAME} manifest.")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format version {manifest.get('format_version')}; this program reads "
+                              f"version {FORMAT_VERSION}. Re-import the model with this version.")
+    return manifest
+
+
+def check_base_files(manifest: dict[str, Any], verify_hashes: bool = False, vit_checkpoint: str | None = None,
+                     llama_dir: str | None = None) -> tuple[BaseFiles, list[str]]:
+    """(the base files to use, every way they differ from the recorded ones). Sizes always, sha256 optionally."""
+    base = manifest["base"]
+    vit = Path(vit_checkpoint or base["vit_checkpoint"]["path"])
+    llama = Path(llama_dir or base["llama_dir"]["path"])
+    problems = _compare(vit, base["vit_checkpoint"], verify_hashes)
+    for name, recorded in base["llama_dir"]["files"].items():
+        problems += _compare(llama / name, recorded, verify_hashes)
+    imported_from = manifest.get("imported_from")
+    return BaseFiles(vit, llama, Path(imported_from) if imported_from else None), problems
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               *, verify_hashes: bool = False, vit_checkpoint: str | None = None, llama_dir: str | None = None,
+               quantization: str | None = None, allow_pickle: bool = False) -> MiniGPTv2:
+    """Load a model folder written by `save_model_dir` (see the module docstring for the checks)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(model_dir)
+    manifest = read_manifest(folder)
+    try:
+        config = MiniGPTConfig.from_dict(manifest["config"])
+    except (ConfigError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{folder / MANIFEST_FILE}: invalid model config ({error}).") from error
+    base, problems = check_base_files(manifest, verify_hashes, vit_checkpoint, llama_dir)
+    if problems:
+        raise CheckpointError(f"the base files of {folder} are not the ones it was saved with:\n"
+                              + "\n".join(f"  {line}" for line in problems)
+                              + "\nRestore them, or pass their new location (vit_checkpoint=, llama_dir=).")
+    tensors_file = folder / manifest["tensors"]["file"]
+    if not tensors_file.is_file() or sha256_of(tensors_file) != manifest["tensors"]["sha256"]:
+        raise CheckpointError(f"{tensors_file} is missing or not the file {MANIFEST_FILE} was written with "
+                              "(sha256 differs). The model folder is damaged; re-create it.")
+    try:
+        trainable = load_file(tensors_file)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read {tensors_file}: {error}. The model folder is damaged; re-create it."
+                              ) from error
+    vit_raw = tensor_dict(load_torch_file(base.vit_checkpoint, "EVA ViT checkpoint", allow_pickle),
+                          base.vit_checkpoint, "EVA ViT checkpoint")
+    tokenizer = UpstreamLlamaTokenizer.from_dir(folder)
+    return assemble_model(config, vit_raw, base, trainable, tensors_file, tokenizer, dtype, torch.device(device),
+                          quantization)
+
+
+def _llama_files(llama_dir: Path) -> list[Path]:
+    return [llama_dir / "config.json", *llama_weight_files(llama_dir)]
+
+
+def _compare(file: Path, recorded: dict[str, Any], verify_hashes: bool) -> list[str]:
+    if not file.is_file():
+        return [f"{file}: missing"]
+    actual = FileFingerprint(file.stat().st_size, None)
+    if actual.size != recorded["size"]:
+        return [f"{file}: size {actual.size} bytes, recorded {recorded['size']}"]
+    if verify_hashes:
+        if recorded.get("sha256") is None:
+            return [f"{file}: no sha256 was recorded (saved without hashing); cannot verify its content"]
+        if sha256_of(file) != recorded["sha256"]:
+            return [f"{file}: sha256 differs from the recorded one (same size, different content)"]
+    return []
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Call `write(temp_path)` on a temporary file next to `target`, then rename it over `target`."""
+    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    os.close(descriptor)
+    try:
+        write(temp_name)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a model folder is meant to be shared
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
