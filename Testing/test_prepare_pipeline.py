@@ -97,6 +97,16 @@ def test_every_png_named_in_the_records_exists_and_is_the_model_view_slice(prepa
     assert second[0]["slice_id"] == len(records) + 1 and records[0]["slice_id"] == 1
 
 
+def test_each_dataset_gets_upstreams_slices_info_file_with_every_record(prepared):
+    out = prepared[0]
+    for dataset, prefix in (("nih", "NIH"), ("msd", "MSD"), ("abdomenct1k", "ABD")):
+        records = [r for f in sorted((out / dataset / "records").glob("*.json")) for r in _read(f)]
+        slices_info = _read(out / dataset / f"{prefix}_slices_info.json")
+        assert sorted(slices_info, key=lambda r: r["slice_id"]) == sorted(records, key=lambda r: r["slice_id"])
+        assert [r["slice_id"] for r in sorted(slices_info, key=lambda r: r["slice_id"])] == list(
+            range(1, len(records) + 1))
+
+
 def test_splits_are_shared_disjoint_and_keep_duplicates_together(prepared):
     out = prepared[0]
     document = _read(out / "splits.json")

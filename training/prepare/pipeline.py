@@ -4,6 +4,7 @@ Output folder layout (OUT):
     OUT/<dataset>/slices/<volume>_slice_<s>.png   model-view slices (volume_job.py)
     OUT/<dataset>/volumes/<volume>.json           per-volume metadata and fingerprints
     OUT/<dataset>/records/<volume>.json           per-volume list of slice records (the resume marker)
+    OUT/<dataset>/<NIH|MSD|ABD>_slices_info.json  all of a dataset's records in one list, as upstream's file
     OUT/splits.json                               the one split shared by every task (splits.py)
     OUT/tasks/<task>_{train,test}.json            task sets (tasks.py)
     OUT/summary.json, OUT/problems.json           the Table-1-style summary; what could not be prepared
@@ -198,14 +199,20 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
     builder = TaskBuilder(options.threshold, options.seed, options.organ_balance)
     counter = SliceCounter(options.summary_thresholds)
     next_id = {dataset: 1 for dataset in DATASETS}
+    slices_info: dict[str, list[dict[str, Any]]] = {dataset: [] for dataset in DATASETS}
     for meta in tqdm(metas, desc="tasks", unit="vol", disable=not options.progress):
         dataset, volume = meta["dataset"], meta["volume"]
         records = _numbered_records(out, dataset, volume, next_id[dataset])
         next_id[dataset] += len(records)
+        slices_info[dataset].extend(records)
         if (dataset, volume) in split:
             builder.add_volume(dataset, volume, split[(dataset, volume)], records)
             counter.add_volume(dataset, split[(dataset, volume)], records)
     task_counts = write_tasks(out, builder.finish())
+    for dataset, records in slices_info.items():
+        if records:  # upstream's *_slices_info.json: every slice of every volume, for tools that expect it
+            atomic_write_json(out / dataset / f"{records[0]['dataset']}_slices_info.json", records,
+                              only_if_changed=True)
     return {"options": _options_json(options), "table": counter.table(), "tasks": task_counts,
             "duplicate_groups": document["duplicate_groups"], "dropped": document["dropped"], "notes": notes}
 
