@@ -1,7 +1,7 @@
-"""`minigpt-pancreas`: the backend's command line.
+"""`minigpt-pancreas`: the backend's command line, and the small command runner both CLIs share.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this file only
-wires them together, so `--help` stays fast (no torch import until a command runs).
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; a CLI is only a
+table of them, so `--help` stays fast (no torch import until a command runs).
 """
 
 from __future__ import annotations
@@ -10,36 +10,31 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
+# name -> (module, one-line help). Modules keep heavy imports inside `run`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("backend.demo", "run the whole pipeline on a synthetic CT phantom and write boxes and overlays"),
     "import-upstream": ("backend.commands.import_upstream",
                         "convert the original eva_vit_g.pth + LLaMA-2 folder + MiniGPT .pth into a model folder"),
     "info": ("backend.commands.info", "describe a model folder (and check its base files) or a MiniGPT .pth"),
 }
+DESCRIPTION = "MiniGPT-Pancreas backend: model conversion, inference and the local HTTP service."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minigpt-pancreas",
-        description="MiniGPT-Pancreas backend: model conversion, inference and the local HTTP service.",
-    )
+def build_parser(prog: str = "minigpt-pancreas", description: str = DESCRIPTION,
+                 commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in commands.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         command_parser.set_defaults(_module=module_name)
-        _lazy_add_arguments(module_name, command_parser)
+        importlib.import_module(module_name).add_arguments(command_parser)
     return parser
 
 
-def _lazy_add_arguments(module_name: str, parser: argparse.ArgumentParser) -> None:
-    """Let the command module declare its options; modules keep heavy imports inside `run`."""
-    module = importlib.import_module(module_name)
-    module.add_arguments(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run_commands(prog: str, description: str, commands: dict[str, tuple[str, str]],
+                 argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the chosen command, and turn user-facing errors into one line and exit code 2."""
+    parser = build_parser(prog, description, commands)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -48,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("minigpt-pancreas: interrupted; nothing half-written was kept.", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
     except (ValueError, OSError) as error:
         # User-facing errors (bad input, missing or broken files, a full disk) carry a message that says what is
         # wrong and what to do; show it without a traceback. Anything else is a bug and keeps its traceback.
-        print(f"minigpt-pancreas {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_commands("minigpt-pancreas", DESCRIPTION, COMMANDS, argv)
 
 
 if __name__ == "__main__":
