@@ -151,7 +151,7 @@ def test_clear_errors_for_bad_folders_and_files(tmp_path, tok):
         tok.decode([tok.vocab_size])
 
 
-def test_model_without_pad_piece_is_refused(tmp_path):
+def test_model_without_pad_piece_pads_with_unk_as_upstream(tmp_path):
     model_file = tmp_path / MODEL_FILE_NAME
     lines = ["the pancreas is here", "where is the liver", "give me the location"] * 5
     spm.SentencePieceTrainer.train(
@@ -159,8 +159,12 @@ def test_model_without_pad_piece_is_refused(tmp_path):
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
     )
     (tmp_path / "m.model").rename(model_file)
-    with pytest.raises(TokenizerError, match=r"\$\$"):
-        UpstreamLlamaTokenizer(model_file)
+    with pytest.warns(UserWarning, match=r"\$\$"):
+        tok = UpstreamLlamaTokenizer(model_file)
+    # transformers 4.30: `pad_token = "$$"` on such a vocabulary gives pad_token_id 0 (<unk>), checked by hand.
+    assert tok.pad_id == tok.unk_id == 0
+    ids, attention = tok.encode_batch_right_padded(["the liver", "the pancreas is here"], max_length=64)
+    assert ids[0, attention[0] == 0].tolist() == [0] * int((attention[0] == 0).sum())
 
 
 def test_tiny_vocab_size_out_of_range_is_refused(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -72,12 +73,11 @@ class UpstreamLlamaTokenizer:
         self.unk_id = self._control_piece_id(UNK_TEXT)
         self.bos_id = self._control_piece_id(BOS_TEXT)
         self.eos_id = self._control_piece_id(EOS_TEXT)
-        self.pad_id = self.sp.piece_to_id(PAD_TEXT)
-        if self.pad_id == self.unk_id or self.sp.id_to_piece(self.pad_id) != PAD_TEXT:
-            raise TokenizerError(
-                f"{self.model_file} has no ordinary piece {PAD_TEXT!r}, which upstream uses as the pad token "
-                "(id 3997 in LLaMA-2). Use the LLaMA-2 tokenizer.model."
-            )
+        self.pad_id = self.sp.piece_to_id(PAD_TEXT)  # SentencePiece answers unk_id for an unknown piece
+        if self.pad_id == self.unk_id:
+            # 4.30 does the same (`pad_token_id` of an unknown token is the unk id); LLaMA-2 has "$$" (id 3997).
+            warnings.warn(f"{self.model_file} has no piece {PAD_TEXT!r}; padding with <unk> (id {self.unk_id}) as "
+                          "upstream's tokenizer would. Real LLaMA-2 tokenizers have it.", stacklevel=2)
         self.vocab_size: int = self.sp.get_piece_size()
         # Ids that 4.30 treats as special when decoding (`all_special_ids` after `pad_token = "$$"`).
         self.special_ids: frozenset[int] = frozenset({self.bos_id, self.eos_id, self.unk_id, self.pad_id})
