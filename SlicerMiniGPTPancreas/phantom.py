@@ -130,9 +130,10 @@ def draw_anatomy(seed: int, centre_ras: np.ndarray) -> Anatomy:
         cavity=Ellipsoid(at(0, 0, 0), (ai, bi, inf)),
         vertebra=Ellipsoid(at(0, -bi + 22.0, 0), (16.0, 15.0, inf)),
         spinous=Ellipsoid(at(0, -bi - 4.0, 0), (9.0, 16.0, inf)),
-        liver=Ellipsoid(at(0.55 * ai + jit(5.0), 0.1 * bi + jit(5.0), 45.0 + jit(8.0)),
-                        semi(0.45 * ai, 0.75 * bi, 60.0)),
-        spleen=Ellipsoid(at(-0.68 * ai + jit(4.0), -0.35 * bi + jit(4.0), 35.0 + jit(6.0)),
+        # Liver and spleen reach down to the pancreas level, as on real CT (the right lobe lies lateral to it).
+        liver=Ellipsoid(at(0.7 * ai + jit(4.0), 0.1 * bi + jit(5.0), 30.0 + jit(8.0)),
+                        semi(0.3 * ai, 0.75 * bi, 60.0)),
+        spleen=Ellipsoid(at(-0.68 * ai + jit(4.0), -0.35 * bi + jit(4.0), 20.0 + jit(6.0)),
                          semi(0.2 * ai, 0.35 * bi, 45.0)),
         kidneys=kidneys,
         aorta=Ellipsoid(at(-13.0 + jit(3.0), -bi + 48.0 + jit(2.0), 0), (11.0, 11.0, inf)),
