@@ -20,25 +20,31 @@ PARITY_DIR = Path(os.environ.get("MINIGPT_PARITY_DIR", ".cache/upstream-parity")
 if not (PARITY_DIR / "reference.pt").is_file():
     pytest.skip(f"no upstream reference in {PARITY_DIR}; `make test` builds it", allow_module_level=True)
 
-
-@pytest.fixture(scope="module")
-def reference():
-    return torch.load(PARITY_DIR / "reference.pt", weights_only=False)
+# One folder per tiny model of reference_430.VARIANTS (sizes, tokenizer kind, LLaMA file format).
+VARIANT_DIRS = sorted(p.parent for p in PARITY_DIR.glob("*/reference.pt"))
 
 
-@pytest.fixture(scope="module")
-def model(reference):
-    loaded = backend.load_upstream(PARITY_DIR / "eva_vit_g.pth", PARITY_DIR / "llama", PARITY_DIR / "checkpoint.pth",
-                                   image_size=reference["image_size"], dtype=torch.float32, device="cpu")
-    return loaded.eval()
+@pytest.fixture(scope="module", params=VARIANT_DIRS, ids=[d.name for d in VARIANT_DIRS])
+def variant(request):
+    folder = request.param
+    reference = torch.load(folder / "reference.pt", weights_only=False)
+    model = backend.load_upstream(folder / "eva_vit_g.pth", folder / "llama", folder / "checkpoint.pth",
+                                  image_size=reference["image_size"], dtype=torch.float32, device="cpu")
+    return model.eval(), reference
 
 
-def test_first_token_logits_match_upstream(model, reference):
+def test_every_variant_was_built():
+    assert [d.name for d in VARIANT_DIRS] == ["a", "b"]
+
+
+def test_first_token_logits_match_upstream(variant):
+    model, reference = variant
     logits = model.first_token_logits(reference["pixel_values"], reference["questions"])
     torch.testing.assert_close(logits, reference["first_token_logits"], atol=1e-4, rtol=0)
 
 
-def test_greedy_answers_match_upstream(model, reference):
+def test_greedy_answers_match_upstream(variant):
+    model, reference = variant
     token_ids, texts = model.generate(reference["pixel_values"], reference["questions"], max_new_tokens=20)
     expected_ids = []
     for row in reference["generated_ids"].tolist():
@@ -48,7 +54,8 @@ def test_greedy_answers_match_upstream(model, reference):
     assert texts == reference["texts"]
 
 
-def test_training_loss_matches_upstream(model, reference):
+def test_training_loss_matches_upstream(variant):
+    model, reference = variant
     with torch.no_grad():
         loss = model.training_loss(reference["pixel_values"], reference["instructions"], reference["answers"])
     torch.testing.assert_close(loss, reference["training_loss"], atol=1e-5, rtol=1e-5)

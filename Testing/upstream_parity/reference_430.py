@@ -6,7 +6,8 @@ never in the project's. It writes, into OUT_DIR:
     `llama/` (a LLaMA HF folder saved by transformers 4.30 + the SentencePiece `tokenizer.model`),
     `checkpoint.pth` (`{"model": ...}` with peft-0.2.0 key names and the `rotary_emb.inv_freq` buffers);
   - `reference.pt`: pixel values, questions, and upstream's first-token logits, generated ids and texts, and
-    training loss.
+    training loss;
+one such set per variant of VARIANTS (sizes, tokenizer kind, LLaMA file format) in OUT_DIR/<variant>/.
 The model code below follows upstream-spec.md (sections 1, 1.4 and 9) and runs the LLM, the tokenizer, LoRA and
 generation through upstream's pinned transformers/peft, so the project's clean-room model is checked against the
 libraries the original checkpoints were made with. Usage: python reference_430.py OUT_DIR
@@ -15,6 +16,7 @@ libraries the original checkpoints were made with. Usage: python reference_430.p
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,36 +28,60 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from backend.tiny import build_tiny_sentencepiece  # noqa: E402  (a real SentencePiece model; no torch code)
 
-IMAGE_SIZE, PATCH, WIDTH, DEPTH, HEADS, MLP = 56, 7, 176, 2, 2, 256  # heads = 176 // 88, upstream's rule
-CHECKPOINT_GRID = 6  # pos_embed stored for 6 x 6, interpolated to 8 x 8 at load, as 224 -> 448 upstream
-LORA_R, LORA_ALPHA = 8, 16
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One tiny model. Heads follow upstream's rule width // 88 (at least 1); the rest is free."""
+
+    image_size: int
+    patch: int
+    width: int
+    depth: int
+    mlp: int
+    checkpoint_grid: int  # pos_embed is stored for this grid and interpolated at load, as 224 -> 448 upstream
+    lora_r: int
+    tokenizer: str  # "tiny": backend.tiny's LLaMA-like BPE with "$$"; "plain": SentencePiece defaults, no "$$"
+    safetensors: bool  # how transformers 4.30 saves the LLaMA folder
+
+    @property
+    def heads(self) -> int:
+        return max(1, self.width // 88)
+
+
+VARIANTS = {
+    "a": Variant(56, 7, 176, 2, 256, 6, 8, "tiny", False),
+    "b": Variant(28, 14, 88, 3, 384, 4, 64, "plain", True),  # 1 head; the 4 x 4 grid is shrunk to 2 x 2
+}
+LORA_ALPHA = 16
 QUESTIONS = ["[refer] give me the location of the pancreas", "[vqa] is there a tumor?"]
 INSTRUCTIONS = ["[refer] where is the pancreas ?", "[vqa] Based on the image, respond to this question with yes or no: tumor?"]
 ANSWERS = ["{<12><34><56><78>}", "yes"]
 
 
 class EvaAttention(nn.Module):
-    def __init__(self):
+    def __init__(self, v: Variant):
         super().__init__()
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=False)
-        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(WIDTH)), nn.Parameter(torch.zeros(WIDTH))
-        self.proj = nn.Linear(WIDTH, WIDTH)
+        self.heads, self.head_dim = v.heads, v.width // v.heads
+        self.qkv = nn.Linear(v.width, 3 * v.width, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(v.width)), nn.Parameter(torch.zeros(v.width))
+        self.proj = nn.Linear(v.width, v.width)
 
     def forward(self, x):
         b, n, _ = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q * (WIDTH // HEADS) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class EvaBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, v: Variant):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(WIDTH, eps=1e-6), nn.LayerNorm(WIDTH, eps=1e-6)
-        self.attn = EvaAttention()
+        self.norm1, self.norm2 = nn.LayerNorm(v.width, eps=1e-6), nn.LayerNorm(v.width, eps=1e-6)
+        self.attn = EvaAttention(v)
         self.mlp = nn.Sequential()
-        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(WIDTH, MLP), nn.GELU(), nn.Linear(MLP, WIDTH)
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(v.width, v.mlp), nn.GELU(), nn.Linear(v.mlp, v.width)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -63,14 +89,14 @@ class EvaBlock(nn.Module):
 
 
 class EvaViT(nn.Module):
-    def __init__(self):
+    def __init__(self, v: Variant):
         super().__init__()
-        grid = IMAGE_SIZE // PATCH
+        grid = v.image_size // v.patch
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, WIDTH, PATCH, PATCH)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, WIDTH))
-        self.blocks = nn.ModuleList(EvaBlock() for _ in range(DEPTH))
+        self.patch_embed.proj = nn.Conv2d(3, v.width, v.patch, v.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, v.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, v.width))
+        self.blocks = nn.ModuleList(EvaBlock(v) for _ in range(v.depth))
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
@@ -83,7 +109,7 @@ class EvaViT(nn.Module):
 def interpolate_pos_embed(state: dict, grid: int) -> None:
     pos = state["pos_embed"].float()
     old = int((pos.shape[1] - 1) ** 0.5)
-    tokens = pos[:, 1:].reshape(1, old, old, WIDTH).permute(0, 3, 1, 2)
+    tokens = pos[:, 1:].reshape(1, old, old, pos.shape[2]).permute(0, 3, 1, 2)
     tokens = F.interpolate(tokens, size=(grid, grid), mode="bicubic", align_corners=False)
     state["pos_embed"] = torch.cat([pos[:, :1], tokens.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
@@ -91,19 +117,19 @@ def interpolate_pos_embed(state: dict, grid: int) -> None:
 class UpstreamMiniGPTv2(nn.Module):
     """MiniGPT-v2's forward paths as upstream-spec.md describes them."""
 
-    def __init__(self, llama_dir: Path, vit_state: dict):
+    def __init__(self, v: Variant, llama_dir: Path, vit_state: dict):
         super().__init__()
-        self.visual_encoder = EvaViT()
-        interpolate_pos_embed(vit_state, IMAGE_SIZE // PATCH)
+        self.visual_encoder = EvaViT(v)
+        interpolate_pos_embed(vit_state, v.image_size // v.patch)
         self.visual_encoder.load_state_dict({k: v.float() for k, v in vit_state.items()}, strict=False)
-        self.ln_vision = nn.LayerNorm(WIDTH)
+        self.ln_vision = nn.LayerNorm(v.width)
         self.tokenizer = LlamaTokenizer.from_pretrained(str(llama_dir), use_fast=False)
         self.tokenizer.pad_token = "$$"
         llama = prepare_model_for_int8_training(LlamaForCausalLM.from_pretrained(str(llama_dir), torch_dtype=torch.float32))
-        config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
+        config = LoraConfig(r=v.lora_r, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
                             bias="none", task_type="CAUSAL_LM")
         self.llama_model = get_peft_model(llama, config)
-        self.llama_proj = nn.Linear(WIDTH * 4, llama.config.hidden_size)
+        self.llama_proj = nn.Linear(v.width * 4, llama.config.hidden_size)
 
     def embed(self, ids):
         return self.llama_model.base_model.model.model.embed_tokens(ids)
@@ -177,22 +203,37 @@ class UpstreamMiniGPTv2(nn.Module):
         return out.loss
 
 
-def write_artefacts(out: Path) -> UpstreamMiniGPTv2:
+def plain_sentencepiece(folder: Path) -> Path:
+    """A SentencePiece model with the library's defaults (unigram, no byte fallback) and no "$$" piece."""
+    import sentencepiece as spm
+
+    from backend.tiny import tiny_corpus_lines
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [line.replace("$$", " ") for line in tiny_corpus_lines()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "sp"), vocab_size=300,
+                                   num_threads=1, minloglevel=2)
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    (folder / "sp.vocab").unlink()
+    return folder / "tokenizer.model"
+
+
+def write_artefacts(v: Variant, out: Path) -> UpstreamMiniGPTv2:
     torch.manual_seed(0)
     llama_dir = out / "llama"
-    tokenizer_file = build_tiny_sentencepiece(llama_dir)
+    tokenizer_file = build_tiny_sentencepiece(llama_dir) if v.tokenizer == "tiny" else plain_sentencepiece(llama_dir)
     vocab = LlamaTokenizer(str(tokenizer_file)).vocab_size
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, rms_norm_eps=1e-6, max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(str(llama_dir))
-    vit = EvaViT()
+    LlamaForCausalLM(config).save_pretrained(str(llama_dir), safe_serialization=v.safetensors)
+    vit = EvaViT(v)
     for p in vit.parameters():
         nn.init.normal_(p, std=0.05)
-    vit_state = {k: v.half() for k, v in vit.state_dict().items()}  # the real file is fp16
-    grid = CHECKPOINT_GRID
-    vit_state["pos_embed"] = (torch.randn(1, grid * grid + 1, WIDTH) * 0.05).half()
+    vit_state = {k: t.half() for k, t in vit.state_dict().items()}  # the real file is fp16
+    grid = v.checkpoint_grid
+    vit_state["pos_embed"] = (torch.randn(1, grid * grid + 1, v.width) * 0.05).half()
     torch.save(vit_state, out / "eva_vit_g.pth")
-    model = UpstreamMiniGPTv2(llama_dir, dict(vit_state)).eval()
+    model = UpstreamMiniGPTv2(v, llama_dir, dict(vit_state)).eval()
     for name, p in model.named_parameters():  # LoRA B starts at zero; give the adapters something to do
         if "lora_" in name or name.startswith("llama_proj"):
             with torch.no_grad():
@@ -201,27 +242,31 @@ def write_artefacts(out: Path) -> UpstreamMiniGPTv2:
         p.requires_grad = False  # upstream freezes the ViT and ln_vision
     # upstream's _save_checkpoint drops every frozen *parameter*; buffers (rotary inv_freq) stay in the file
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    state = {k: v for k, v in model.state_dict().items() if k not in frozen}
+    state = {k: t for k, t in model.state_dict().items() if k not in frozen}
     torch.save({"model": state, "epoch": 3}, out / "checkpoint.pth")
     return model
 
 
-def main(out_dir: str) -> None:
-    out = Path(out_dir)
+def write_reference(v: Variant, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model = write_artefacts(out)
+    model = write_artefacts(v, out)
     torch.manual_seed(1)
-    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    pixels = torch.randn(2, 3, v.image_size, v.image_size)
     with torch.no_grad():
         logits = model.first_token_logits(pixels, QUESTIONS)
-        single = torch.cat([model.first_token_logits(pixels[i:i + 1], QUESTIONS[i:i + 1]) for i in range(2)])
         ids, texts = model.generate(pixels, QUESTIONS)
         loss = model.training_loss(pixels, INSTRUCTIONS, ANSWERS)
     reference = {"pixel_values": pixels, "questions": QUESTIONS, "instructions": INSTRUCTIONS, "answers": ANSWERS,
-                 "first_token_logits": logits, "first_token_logits_single": single,
-                 "generated_ids": ids, "texts": texts, "training_loss": loss, "image_size": IMAGE_SIZE}
+                 "first_token_logits": logits, "generated_ids": ids, "texts": texts, "training_loss": loss,
+                 "image_size": v.image_size}
     torch.save(reference, out / "reference.pt")
     print(f"reference written to {out}: loss {loss.item():.6f}, texts {texts}")
+
+
+def main(out_dir: str) -> None:
+    for name, variant in VARIANTS.items():
+        write_reference(variant, Path(out_dir) / name)
+    (Path(out_dir) / "reference.pt").write_text("done\n")  # the Makefile's marker that every variant exists
 
 
 if __name__ == "__main__":
