@@ -57,7 +57,7 @@ def discover(dataset: str, root: str | os.PathLike) -> Discovery:
     """Pair images with labels under `root`; raise `PrepareError` if the root is unusable or holds nothing."""
     if dataset not in DATASETS:
         raise PrepareError(f"Unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}.")
-    root_path = Path(root).expanduser()
+    root_path = Path(root).expanduser().absolute()  # records name their source files by absolute path
     if not root_path.is_dir():
         what = "is not a folder" if root_path.exists() else "does not exist"
         raise PrepareError(f"--root {root_path} {what}; give the folder the {dataset} dataset was extracted to.")
