@@ -118,7 +118,7 @@ def evaluate_detection(predictions: Sequence[str | None], truths: Sequence[Seque
     scale: upstream's ABD protocol decodes with a fixed factor (5.12, i.e. 512-px images) instead of W/100, H/100;
     only E1/E2/E3 accept it.
     """
-    n = _check_inputs(predictions, truths, sizes)
+    _check_inputs(predictions, truths, sizes)
     try:
         variant = Variant(variant)
         checked_sizes = [check_image_size(*size) for size in sizes]
