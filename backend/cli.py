@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-upstream": ("backend.commands.import_upstream",
                         "convert the original eva_vit_g.pth + LLaMA-2 folder + MiniGPT .pth into a model folder"),
     "info": ("backend.commands.info", "describe a model folder (and check its base files) or a MiniGPT .pth"),
+    "predict": ("backend.commands.predict",
+                "answer a prompt on every axial slice of a CT volume; boxes as CSV, Slicer .mrk.json and PNGs"),
+    "serve": ("backend.commands.serve", "run the HTTP service for the Slicer module (127.0.0.1:8765 by default)"),
 }
 DESCRIPTION = "MiniGPT-Pancreas backend: model conversion, inference and the local HTTP service."
 

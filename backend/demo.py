@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from backend.output_folder import staged_folder
 
 ANSWER_SOURCE = "ground truth rendered in the model's box grammar (no trained demo model is bundled yet)"
 OVERLAY_COUNT = 3
@@ -46,15 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target, then swapped in whole: a failed run never leaves a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        summary = _run_into(staging, args)
-        _replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_folder(out) as folder:
+        summary = _run_into(folder, args)
     _print_summary(summary, out)
     return 0
 
@@ -131,36 +124,20 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _write_overlays(folder: Path, rows: list[dict]) -> list[str]:
     """Draw truth (green) and decoded box (red) on the slices with the largest pancreas, scaled up for viewing."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
+
+    from backend.overlays import PREDICTION_COLOR, TRUTH_COLOR, OverlayBox, draw_overlay
 
     largest = sorted(rows, key=lambda r: -(r["truth"][2] - r["truth"][0]) * (r["truth"][3] - r["truth"][1]))
     names = []
     for row in largest[:OVERLAY_COUNT]:
-        image = Image.open(folder / "slices" / f"phantom_slice_{row['slice']}.png").convert("RGB")
-        zoom = max(1, 512 // max(image.size))
-        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
-        draw = ImageDraw.Draw(image)
-        x0, y0, x1, y1 = row["truth"]
-        draw.rectangle([x0 * zoom, y0 * zoom, (x1 + 1) * zoom - 1, (y1 + 1) * zoom - 1], outline=(0, 220, 0))
+        image = Image.open(folder / "slices" / f"phantom_slice_{row['slice']}.png")
         box = [row["x_min"], row["y_min"], row["x_max"], row["y_max"]]
-        draw.rectangle([box[0] * zoom, box[1] * zoom, (box[2] + 1) * zoom - 1, (box[3] + 1) * zoom - 1],
-                       outline=(230, 0, 0))
+        overlay = draw_overlay(image, [OverlayBox(row["truth"], TRUTH_COLOR), OverlayBox(box, PREDICTION_COLOR)])
         name = f"overlay_slice_{row['slice']}.png"
-        image.save(folder / name)
+        overlay.save(folder / name)
         names.append(name)
     return names
-
-
-def _replace_folder(staging: Path, out: Path) -> None:
-    """Swap the finished folder into place; an earlier output is removed only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _print_summary(summary: dict, out: Path) -> None:

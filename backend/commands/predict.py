@@ -1,0 +1,253 @@
+"""`minigpt-pancreas predict`: ask the model about every axial slice of a CT volume file, without a server.
+
+The volume (NIfTI, NRRD, MetaImage, or a folder holding one DICOM series) is read with SimpleITK, shown to the
+model as radiological axial slices (the model view: up = anterior, left = patient right), and answered in batches
+by `backend.engine.InferenceEngine`. The output folder is built beside its target and swapped in whole:
+
+  boxes.csv       one row per box: slice, answer, pixel box on the model-view slice, confidence, RAS centre/size
+  boxes.mrk.json  one ROI per box, one slice thick, for 3D Slicer (File > Add Data); stored in LPS like Slicer
+  answers.json    every slice's answer: text, kind, boxes, yes/no and P(yes), reason, time
+  overlays/       the slices with boxes, boxes drawn (PNG)
+  summary.json    inputs, model, counts
+
+Slice numbers are model-view slices, 0 = the most inferior, whatever the file's storage order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from backend import prompts
+from backend.output_folder import staged_folder
+
+DEFAULT_PROMPT = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # upstream's evaluation refer prompt
+COMMAND_NAME = "minigpt-pancreas predict"  # recorded in summary.json: marks a folder this command may replace
+_SLICES = re.compile(r"^\s*(\d*)\s*(:?)\s*(\d*)\s*$")
+
+
+class PredictError(ValueError):
+    """The command cannot run as asked (missing or unreadable volume, bad --slices, missing model...)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("volume", metavar="VOLUME", type=Path,
+                        help="CT volume: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder of one DICOM series")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="DIR", type=Path, help="model folder (from `import-upstream`)")
+    source.add_argument("--upstream", nargs=3, metavar=("VIT", "LLAMA", "CHECKPOINT"), type=Path,
+                        help="the original files: eva_vit_g.pth, the LLaMA-2 folder, a MiniGPT .pth")
+    parser.add_argument("--image-size", type=int, default=448, help="with --upstream: model input side (448)")
+    parser.add_argument("--prompt", default=None, help=f"question for every slice (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--label", default=None,
+                        help="name of the ROIs (default: 'pancreas' with the default prompt, else 'box')")
+    parser.add_argument("--slices", metavar="START:STOP", default=None,
+                        help="model-view slices START..STOP-1 (0 = most inferior); either end may be left out, "
+                             "a single number picks one slice (default: all)")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="for a DICOM folder holding several series: the SeriesInstanceUID to use")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per model call (default 8)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default: cuda when PyTorch sees a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="weights precision (default: float32 on cpu, bfloat16/float16 on cuda)")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="answer length limit (default 20, upstream)")
+    parser.add_argument("--constrain-boxes", action="store_true",
+                        help="let the model write only one box per slice (detection prompts)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder, replaced whole (default: <volume name>-predictions here)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from SlicerMiniGPTPancreas import geometry
+
+    from backend.commands.predict_outputs import write_outputs
+
+    started = time.perf_counter()
+    volume = Path(args.volume)
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    label = args.label or ("pancreas" if args.prompt is None else "box")
+    out = Path(args.out or f"{_volume_name(volume)}-predictions").absolute()
+    # Everything cheap is checked before the model loads: a typo should not cost minutes.
+    _check_options(args, prompt)
+    _check_output_folder(out)
+    _check_model_source(args)
+    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(volume, args.series)))
+    chosen = parse_slices(args.slices, view.shape[0])
+
+    engine = _load_engine(args)
+    results = _predict(engine, [view.slice(s) for s in chosen], prompt, args)
+    details = {
+        "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": prompt, "model": engine.model_id,
+        "device": engine.device, "precision": engine.precision, "image_variant": engine.image_variant,
+        "box_decoding": engine.box_decoding, "constrain_boxes": args.constrain_boxes,
+    }
+    with staged_folder(out) as staging:
+        summary = write_outputs(staging, view, list(zip(chosen, results)), label=label, details=details,
+                                seconds=time.perf_counter() - started)
+    _print_summary(summary, out)
+    return 0
+
+
+def read_volume(path: Path, series: str | None = None):
+    """The 3D SimpleITK image at `path`: an image file, or a folder holding a DICOM series (HU rescale applied)."""
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise PredictError(f"volume not found: {path}. Give a NIfTI, NRRD or MetaImage file or a DICOM folder.")
+    if series is not None and not path.is_dir():
+        raise PredictError("--series applies to DICOM folders only; leave it out for a single file.")
+    try:
+        image = _read_dicom_series(path, series) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise PredictError(f"cannot read {path} as an image volume ({_itk_reason(error)}). Give a NIfTI, NRRD or "
+                           "MetaImage file, or a folder of DICOM files.") from error
+    dimension = image.GetDimension()
+    if dimension == 2:
+        raise PredictError(f"{path} is a 2D image (a single slice); predict needs a 3D CT volume.")
+    if dimension != 3:
+        raise PredictError(f"{path} is a {dimension}D image (e.g. a time series); predict needs one 3D CT volume. "
+                           "Extract the volume you want first (in 3D Slicer: Sequences module).")
+    return image
+
+
+def parse_slices(text: str | None, count: int) -> range:
+    """Model-view slices chosen by "START:STOP" (STOP exclusive, ends optional) or "N"; all for None."""
+    if text is None:
+        return range(count)
+    match = _SLICES.match(text)
+    if not match or (not match.group(2) and not match.group(1)):
+        raise PredictError(f"--slices {text!r} is not START:STOP (e.g. 10:30), START:, :STOP or one slice number.")
+    start_text, colon, stop_text = match.groups()
+    start = int(start_text) if start_text else 0
+    stop = (int(stop_text) if stop_text else count) if colon else start + 1
+    if start >= stop:
+        raise PredictError(f"--slices {text!r} selects nothing: START must be below STOP.")
+    if stop > count:
+        raise PredictError(f"--slices {text!r} goes past the last slice: the volume has {count} axial slices "
+                           f"(0..{count - 1}).")
+    return range(start, stop)
+
+
+def _read_dicom_series(folder: Path, series: str | None):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    found = reader.GetGDCMSeriesIDs(str(folder))
+    if not found:
+        raise PredictError(f"{folder} holds no DICOM series (sub-folders are not searched); give the folder that "
+                           "holds the .dcm files of one CT series.")
+    if series is None and len(found) > 1:
+        raise PredictError(f"{folder} holds {len(found)} DICOM series; choose one with --series UID "
+                           f"({', '.join(found)}).")
+    if series is not None and series not in found:
+        raise PredictError(f"series {series} is not in {folder}; it holds {', '.join(found)}.")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series or found[0]))
+    return reader.Execute()
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The one informative line of a SimpleITK/ITK exception text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    flagged = [line for line in lines if "ERROR" in line]
+    reason = (flagged or lines or ["unknown error"])[-1]
+    reason = re.sub(r"^(sitk::|ITK )?ERROR:\s*", "", reason)
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _volume_name(volume: Path) -> str:
+    name = volume.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "volume"
+    return name or "volume"
+
+
+def _check_options(args: argparse.Namespace, prompt: str) -> None:
+    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                          ("--image-size", args.image_size)):
+        if value < 1:
+            raise PredictError(f"{option} must be at least 1, got {value}.")
+    if not prompt.strip():
+        raise PredictError(f"--prompt is empty; ask a question, e.g. {DEFAULT_PROMPT!r}.")
+    prompts.inference_prompt(prompt)  # PromptError (a ValueError) for text the prompt template cannot take
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse to replace a folder that holds anything but an earlier output of this command."""
+    if not out.exists():
+        return
+    if out.is_dir() and (not any(out.iterdir()) or _is_earlier_output(out)):
+        return
+    raise PredictError(f"--out {out} exists and is not an earlier predict output; it would be replaced whole, so "
+                       "choose a new folder.")
+
+
+def _is_earlier_output(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("command") == COMMAND_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    from backend.model_dir import read_manifest
+
+    if args.model is not None:
+        if not args.model.is_dir():
+            raise PredictError(f"model folder not found: {args.model}. Create one with `minigpt-pancreas "
+                               "import-upstream`, or pass the original files with --upstream VIT LLAMA CHECKPOINT.")
+        read_manifest(args.model)  # a folder without a readable manifest fails here, before the volume is read
+        return
+    for what, path in zip(("EVA ViT file", "LLaMA folder", "MiniGPT checkpoint"), args.upstream):
+        if not path.exists():
+            raise PredictError(f"--upstream: {what} not found: {path}.")
+
+
+def _load_engine(args: argparse.Namespace):
+    import torch
+
+    from backend.engine import InferenceEngine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu.")
+    dtype = None if args.dtype == "auto" else args.dtype
+    if args.model is not None:
+        return InferenceEngine.from_model_dir(args.model, device=device, dtype=dtype, batch_size=args.batch_size)
+    from backend.checkpoints import load_upstream
+
+    if dtype is None:
+        on_gpu = device == "cuda"
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+    vit, llama, checkpoint = args.upstream
+    model = load_upstream(vit, llama, checkpoint, image_size=args.image_size, dtype=getattr(torch, dtype),
+                          device=device)
+    return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem, precision=dtype)
+
+
+def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:
+    from tqdm import tqdm
+
+    with tqdm(total=len(slices), unit="slice", desc="predict", file=sys.stderr) as bar:
+        return engine.run(slices, prompt, max_new_tokens=args.max_new_tokens,
+                          constrain_boxes=args.constrain_boxes,
+                          progress=lambda done, total: bar.update(done - bar.n))
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    slices = summary["slices"]
+    print(f"{summary['model']} on {summary['device']} ({summary['precision']}): {slices['count']} slices "
+          f"({slices['first']}..{slices['last']}) of {summary['volume']} in {summary['seconds']:.1f} s")
+    print(f"  prompt: {summary['prompt']}")
+    print(f"  answers: {', '.join(f'{n} {kind}' for kind, n in summary['answers_by_kind'].items()) or 'none'}; "
+          f"{summary['boxes']} boxes on {summary['slices_with_boxes']} slices")
+    if summary["yes_answers"] is not None:
+        print(f"  yes on {summary['yes_answers']} slices")
+    print(f"  wrote {out}/: {', '.join(summary['files'])} (open boxes.mrk.json in 3D Slicer: File > Add Data)")

@@ -1,0 +1,122 @@
+"""The files `minigpt-pancreas predict` writes, from the engine's answers on model-view slices.
+
+Every box is mapped once (`box_records`) from pixels of its model-view slice to patient millimetres with
+`ModelView.box_to_ras` (the box's pixel extent, one slice thick), and that one record feeds boxes.csv,
+boxes.mrk.json and the overlays, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from SlicerMiniGPTPancreas import geometry, markups, preprocess
+
+CSV_FIELDS = ("slice", "box", "name", "answer", "x_min", "y_min", "x_max", "y_max", "confidence",
+              "center_r", "center_a", "center_s", "size_r", "size_a", "size_s")
+COORDINATES = {
+    "pixel boxes": "(x_min, y_min, x_max, y_max) index coordinates on the model-view slice (x = column; "
+                   "up = anterior, left = patient right), max inclusive",
+    "boxes.csv": "RAS millimetres (center and full size of the box's pixel extent, one slice thick)",
+    "boxes.mrk.json": "LPS millimetres, as 3D Slicer stores markups (Slicer shows them in RAS)",
+    "slice": "model-view slice index, 0 = most inferior",
+}
+
+
+@dataclass(frozen=True)
+class BoxRecord:
+    """One detected box with its place in the patient."""
+
+    slice: int
+    index: int  # 1-based, among the boxes of its slice
+    name: str  # e.g. "pancreas s42" ("pancreas s42-2" for the second box of a slice)
+    answer: str
+    box: tuple[float, float, float, float]  # pixel index coordinates on the model-view slice
+    confidence: float
+    center_ras: tuple[float, float, float]  # mm
+    size_mm: tuple[float, float, float]  # mm along R, A, S
+
+
+def box_records(view: geometry.ModelView, results: Sequence[tuple[int, object]], label: str) -> list[BoxRecord]:
+    """A record per box of every (slice, SliceResult); a box's own phrase ("<p>label</p>") overrides `label`."""
+    records = []
+    for s, result in results:
+        for index, detected in enumerate(result.boxes, start=1):
+            center, size = view.box_to_ras(detected.box, s)
+            name = f"{detected.label or label} s{s}" + (f"-{index}" if len(result.boxes) > 1 else "")
+            records.append(BoxRecord(s, index, name, result.answer, tuple(float(v) for v in detected.box),
+                                     float(detected.confidence), tuple(float(v) for v in center),
+                                     tuple(float(v) for v in size)))
+    return records
+
+
+def write_outputs(folder: Path, view: geometry.ModelView, results: Sequence[tuple[int, object]], *, label: str,
+                  details: dict, seconds: float) -> dict:
+    """Write every output file into `folder` (which exists) and return the summary written as summary.json.
+
+    results: (model-view slice, `backend.engine.SliceResult`) pairs in slice order. details: the run's inputs
+    (command, volume, prompt, model, device, precision, image_variant, ...), copied into the summary.
+    """
+    records = box_records(view, results, label)
+    _write_csv(folder / "boxes.csv", records)
+    markups.write_roi_markups(folder / "boxes.mrk.json", [
+        markups.RoiMarkup(r.center_ras, r.size_mm, r.name, f"MiniGPT-Pancreas, confidence {r.confidence:.2f}: "
+                          f"{r.answer}") for r in records])
+    answers = [{"slice": s, **asdict(result)} for s, result in results]
+    _write_json(folder / "answers.json", {"prompt": details["prompt"], "slices": answers})
+    overlays = _write_overlays(folder / "overlays", view, records, details["image_variant"])
+    kinds = Counter(result.kind for _, result in results)
+    yes_no = [result.yes for _, result in results if result.yes is not None]
+    slices = [s for s, _ in results]
+    summary = {
+        **details,
+        "model_view_shape": list(view.shape),
+        "spacing_mm": list(view.spacing),
+        "slices": {"first": min(slices, default=None), "last": max(slices, default=None), "count": len(slices)},
+        "answers_by_kind": dict(sorted(kinds.items())),
+        "boxes": len(records),
+        "slices_with_boxes": len({r.slice for r in records}),
+        "yes_answers": sum(yes_no) if yes_no else None,
+        "seconds": round(seconds, 3),
+        "coordinates": COORDINATES,
+        "files": ["boxes.csv", "boxes.mrk.json", "answers.json", f"overlays/ ({len(overlays)} PNG)",
+                  "summary.json"],
+    }
+    _write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _write_csv(path: Path, records: list[BoxRecord]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(CSV_FIELDS)
+        for r in records:
+            writer.writerow([r.slice, r.index, r.name, r.answer, *(round(v, 3) for v in r.box),
+                             round(r.confidence, 4), *(round(v, 3) for v in r.center_ras),
+                             *(round(v, 3) for v in r.size_mm)])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_overlays(folder: Path, view: geometry.ModelView, records: list[BoxRecord], variant: str) -> list[str]:
+    """One PNG per slice with boxes: the model's 8-bit view of the slice, its boxes and their confidences."""
+    from backend.overlays import PREDICTION_COLOR, OverlayBox, draw_overlay
+
+    folder.mkdir()
+    digits = len(str(view.shape[0] - 1))
+    names = []
+    for s in sorted({r.slice for r in records}):
+        rgb = preprocess.hu_slice_to_rgb(np.asarray(view.slice(s)), variant=variant)  # [R, C, 3] uint8
+        boxes = [OverlayBox(r.box, PREDICTION_COLOR, f"{r.confidence:.2f}") for r in records if r.slice == s]
+        name = f"slice_{s:0{digits}d}.png"
+        draw_overlay(rgb, boxes).save(folder / name)
+        names.append(name)
+    return names
