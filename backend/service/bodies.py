@@ -1,0 +1,84 @@
+"""Reading request bodies within limits, and turning them into protocol messages (clear 4xx for bad input).
+
+Bodies are read by hand rather than by FastAPI's pydantic models: the protocol's own `from_dict` validates every
+message (one validator for client and server), and a size limit must stop a body before it is held in memory.
+A body found too large is drained (up to DRAIN_LIMIT_BYTES) before the 413 is sent: a server that answers and
+closes while the client is still sending makes the client see a connection reset instead of the 413.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from SlicerMiniGPTPancreas import protocol as p
+
+from .errors import ApiError
+
+DRAIN_LIMIT_BYTES = 64 << 20
+# A slice query carries the largest slice as base64, plus the prompt and options; a chat adds its messages.
+MAX_JSON_BYTES = 4 * math.ceil(p.MAX_SLICE_SIDE ** 2 * 2 / 3) + p.MAX_CHAT_MESSAGES * p.MAX_PROMPT_CHARS * 6 + 65536
+MAX_SMALL_JSON_BYTES = 65536  # sweep requests
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ApiError(p.ErrorCode.BAD_REQUEST, f"the Content-Length header {value!r} is not a byte count")
+    return int(value)
+
+
+async def _too_large(request: Request, size: str, limit: int) -> ApiError:
+    drained = 0
+    async for chunk in request.stream():
+        drained += len(chunk)
+        if drained > DRAIN_LIMIT_BYTES:
+            break
+    return ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the request body has {size} bytes, more than this endpoint's limit of {limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The whole body, refused with 413 above `limit` bytes (checked on Content-Length first, then as it streams)."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        raise await _too_large(request, str(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise await _too_large(request, f"more than {limit}", limit)
+    return body
+
+
+def require_content_type(request: Request, expected: str) -> None:
+    """415 unless the body is declared as `expected` (parameters such as charset are fine)."""
+    given = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if given != expected:
+        raise ApiError(p.ErrorCode.UNSUPPORTED_MEDIA,
+                       f"expected a body of Content-Type {expected}, got {given or 'none'}")
+
+
+async def read_message(request: Request, schema: type[p.SchemaT], limit: int = MAX_JSON_BYTES) -> p.SchemaT:
+    """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid."""
+    require_content_type(request, "application/json")
+    body = await read_body(request, limit)
+    # Decoding a slice of up to 4096 x 4096 takes a while: keep it off the event loop (health stays quick).
+    return await run_in_threadpool(parse_message, bytes(body), schema)
+
+
+def parse_message(body: bytes, schema: type[p.SchemaT]) -> p.SchemaT:
+    try:
+        data: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(p.ErrorCode.VALIDATION, f"the body is not valid JSON ({error})") from error
+    try:
+        return schema.from_dict(data)  # type: ignore[attr-defined]
+    except p.ProtocolError as error:
+        raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error

@@ -1,0 +1,84 @@
+"""The service's error replies: every non-2xx answer has the protocol's body {"error": {"code", "message"}}.
+
+Handlers raise `ApiError`; `install_error_handlers` turns it, protocol and engine validation errors, FastAPI's own
+HTTP errors (unknown route, wrong method) and unexpected exceptions into that body, so the client can map each one
+to a message a radiologist can act on (client_errors.http_error).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from SlicerMiniGPTPancreas import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error reply: `code` decides the HTTP status unless `status` overrides it; `headers` go on the reply."""
+
+    def __init__(self, code: p.ErrorCode, message: str, *, status: int | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = code.http_status if status is None else status
+        self.headers = dict(headers or {})
+
+
+def busy(message: str, retry_after_s: int) -> ApiError:
+    """503 with a Retry-After header (whole seconds, as RFC 9110 requires)."""
+    return ApiError(p.ErrorCode.BUSY, message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+def error_reply(error: ApiError) -> JSONResponse:
+    body = p.ErrorResponse(error.code, error.message).to_dict()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure through `error_reply`."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error_reply(error)
+
+    @app.exception_handler(p.ProtocolError)
+    async def _protocol_error(_: Request, error: p.ProtocolError) -> JSONResponse:
+        return error_reply(ApiError(p.ErrorCode.VALIDATION, str(error)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg')}"
+                             for item in error.errors())
+        return error_reply(ApiError(p.ErrorCode.VALIDATION, problems or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_reply(_from_http_exception(request, error))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_reply(ApiError(p.ErrorCode.INTERNAL, f"internal error ({type(error).__name__}); the server "
+                                                          "log has the details"))
+
+
+def _from_http_exception(request: Request, error: StarletteHTTPException) -> ApiError:
+    what = f"{request.method} {request.url.path}"
+    if error.status_code == 404:
+        # Not "not_found": that code means an unknown volume or job id; an unknown route is a wrong URL or an older
+        # server, and the client tells those apart by the code.
+        return ApiError(p.ErrorCode.BAD_REQUEST, f"there is no endpoint {what} on this server (API "
+                                                 f"{p.API_VERSION}); the routes are listed at /docs", status=404)
+    if error.status_code == 405:
+        return ApiError(p.ErrorCode.BAD_REQUEST, f"{what}: method not allowed on this endpoint", status=405,
+                        headers=error.headers)
+    code = next((code for code in p.ErrorCode if code.http_status == error.status_code), p.ErrorCode.BAD_REQUEST)
+    return ApiError(code, f"{what}: {error.detail}", status=error.status_code, headers=error.headers)

@@ -1,0 +1,75 @@
+"""A request's AnswerOptions -> how the engine runs it. Called on the engine thread only.
+
+`box_decoding` and `image_variant` are settings of an InferenceEngine, so requests that ask for other ones than the
+server's engine get a sibling engine around the same loaded model (built once per combination, cheap: no weights
+are copied). Slice queries and sweeps decode greedily, as upstream evaluates; chat may sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from backend import prompts
+from backend.decoding import SamplingOptions
+from backend.engine import InferenceEngine
+from SlicerMiniGPTPancreas import protocol as p
+
+from .errors import ApiError
+
+DETECTION_TAG = "[refer]"
+
+
+def check_greedy(options: p.AnswerOptions, what: str) -> None:
+    """Slice queries and sweeps have no sampling: refuse temperature > 0 instead of silently ignoring it."""
+    if options.temperature > 0:
+        raise ApiError(p.ErrorCode.VALIDATION,
+                       f"{what} are answered greedily, as upstream evaluates them; send options.temperature 0 "
+                       f"(got {options.temperature:g}). Chat can sample.")
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt the model cannot take before a sweep is queued (a slice query hears it from the engine)."""
+    try:
+        prompts.inference_prompt(prompt)
+    except prompts.PromptError as error:
+        raise ApiError(p.ErrorCode.VALIDATION, f"SweepJobRequest.prompt: {error}") from error
+
+
+class EngineVariants:
+    """The server's engine and its siblings for other box decodings / image variants.
+
+    constrain_boxes: let the model write only one box "{<x1><y1><x2><y2>}" for detection prompts ("[refer] ..."),
+    so an undertrained model still answers in the grammar (multi-box answers then become impossible).
+    """
+
+    def __init__(self, constrain_boxes: bool = False) -> None:
+        self.constrain_boxes = constrain_boxes
+        self._siblings: dict[tuple[int, str, str], InferenceEngine] = {}
+
+    def engine_for(self, engine: InferenceEngine, options: p.AnswerOptions) -> InferenceEngine:
+        if (options.box_decoding, options.image_variant) == (engine.box_decoding, engine.image_variant):
+            return engine
+        key = (id(engine), options.box_decoding, options.image_variant)
+        if key not in self._siblings:
+            self._siblings[key] = InferenceEngine(
+                engine.model, batch_size=engine.batch_size, box_decoding=options.box_decoding,
+                image_variant=options.image_variant, model_id=engine.model_id, precision=engine.precision)
+        return self._siblings[key]
+
+    def run(self, engine: InferenceEngine, slices_hu: Sequence[np.ndarray], prompt: str,
+            options: p.AnswerOptions) -> list[Any]:
+        """Greedy answers (engine SliceResults) to `prompt` on each slice."""
+        constrain = self.constrain_boxes and prompt.lstrip().lower().startswith(DETECTION_TAG)
+        return self.engine_for(engine, options).run(list(slices_hu), prompt, max_new_tokens=options.max_new_tokens,
+                                                    constrain_boxes=constrain)
+
+    def chat(self, engine: InferenceEngine, request: p.ChatRequest) -> Any:
+        """The engine's answer to the last user turn (upstream's chat template drops earlier answers)."""
+        options = request.options
+        sampling = SamplingOptions(temperature=options.temperature) if options.temperature > 0 else None
+        user_turns = [message.text for message in request.messages if message.role == "user"]
+        return self.engine_for(engine, options).chat(request.slice_hu, user_turns,
+                                                     max_new_tokens=options.max_new_tokens, sampling=sampling)

@@ -1,0 +1,149 @@
+"""The HTTP routes (protocol.py names them). Handlers validate, queue work for the engine thread and wait for it;
+they never call the model themselves."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from SlicerMiniGPTPancreas import protocol as p
+
+from .answers import chat_response, query_response
+from .bodies import MAX_SMALL_JSON_BYTES, read_body, read_message, require_content_type
+from .errors import ApiError, busy
+from .jobs import SweepJob
+from .options import check_greedy, check_prompt
+from .security import check_client_version, require_token
+from .state import Service
+
+_JSON = {"application/json": {}}
+_OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description + ' (body {"error": {"code", "message"}})'}
+    for status, description in ((401, "missing or wrong access token"), (409, "incompatible client API version"),
+                                (413, "body too large"), (422, "invalid request"), (503, "busy or loading"))}
+
+health_router = APIRouter(dependencies=[Depends(require_token)])
+api_router = APIRouter(dependencies=[Depends(check_client_version), Depends(require_token)], responses=_ERRORS)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _reply(message: p.Schema, status: int = 200) -> JSONResponse:
+    return JSONResponse(message.to_dict(), status_code=status)
+
+
+@health_router.get(p.ROUTE_HEALTH, summary="Server status and API version; never waits for the model")
+def health(request: Request) -> JSONResponse:
+    service = _service(request)
+    engine = service.worker.engine
+    return _reply(p.Health(status=service.worker.state, api_version=p.API_VERSION,
+                           model_id=engine.model_id if engine is not None else "",
+                           device=engine.device if engine is not None else service.device_hint,
+                           busy=service.worker.busy))
+
+
+@api_router.get(p.ROUTE_INFO, summary="The model, its device and the server's limits")
+def info(request: Request) -> JSONResponse:
+    service = _service(request)
+    engine = service.ready_engine()
+    return _reply(p.ModelInfo(
+        model_id=engine.model_id, api_version=p.API_VERSION, server_version=service.server_version,
+        device=engine.device, precision=engine.precision, image_size=engine.image_size,
+        max_new_tokens_limit=p.MAX_NEW_TOKENS_LIMIT, max_upload_bytes=service.limits.max_upload_bytes,
+        example_prompts=service.example_prompts))
+
+
+@api_router.post(p.ROUTE_QUERY, summary="Ask one question about one slice",
+                 openapi_extra={"requestBody": {"required": True, "content": _JSON,
+                                                "description": "SliceQueryRequest (protocol_schemas.py)"}})
+async def query(request: Request) -> JSONResponse:
+    service = _service(request)
+    message = await read_message(request, p.SliceQueryRequest)
+    check_greedy(message.options, "slice queries")
+    future = service.worker.submit(
+        lambda engine: service.variants.run(engine, [message.slice_hu], message.prompt, message.options)[0])
+    timed = await _wait(service, future)
+    return _reply(query_response(timed.value, service.worker.engine.model_id, slice_index=message.slice_index,
+                                 queue_ms=timed.queue_ms))
+
+
+@api_router.post(p.ROUTE_CHAT, summary="One chat turn about one slice",
+                 openapi_extra={"requestBody": {"required": True, "content": _JSON,
+                                                "description": "ChatRequest (protocol_schemas.py)"}})
+async def chat(request: Request) -> JSONResponse:
+    service = _service(request)
+    message = await read_message(request, p.ChatRequest)
+    future = service.worker.submit(lambda engine: service.variants.chat(engine, message))
+    timed = await _wait(service, future)
+    return _reply(chat_response(timed.value, service.worker.engine.model_id))
+
+
+@api_router.post(p.ROUTE_VOLUMES, status_code=201,
+                 summary="Upload a model-view volume [S, R, C] as raw little-endian int16 (for sweeps)",
+                 openapi_extra={"requestBody": {"required": True, "content": _OCTETS}, "parameters": [
+                     {"name": name, "in": "query", "required": True, "schema": {"type": "string"},
+                      "description": text} for name, text in (
+                         ("shape", "S,R,C"), ("dtype", "int16"), ("spacing_mm", "col,row,slice spacing in mm"))]})
+async def upload_volume(request: Request) -> JSONResponse:
+    service = _service(request)
+    require_content_type(request, "application/octet-stream")
+    body = await read_body(request, service.limits.max_upload_bytes)
+    array, spacing = p.decode_volume(body, request.query_params)  # ProtocolError -> 422
+    array.flags.writeable = False
+    volume = service.volumes.add(array, spacing)
+    return _reply(p.VolumeUploadResponse(volume.volume_id, array.shape, spacing), status=201)
+
+
+@api_router.post(p.ROUTE_SWEEPS, status_code=202,
+                 summary="Start asking one prompt on a range of slices of an uploaded volume",
+                 openapi_extra={"requestBody": {"required": True, "content": _JSON,
+                                                "description": "SweepJobRequest (protocol_schemas.py)"}})
+async def start_sweep(request: Request) -> JSONResponse:
+    service = _service(request)
+    message = await read_message(request, p.SweepJobRequest, MAX_SMALL_JSON_BYTES)
+    check_greedy(message.options, "sweeps")
+    check_prompt(message.prompt)
+    volume = service.volumes.get(message.volume_id)
+    slices = volume.array.shape[0]
+    stop = slices if message.slice_stop is None else message.slice_stop
+    if message.slice_start >= slices or stop > slices:
+        raise ApiError(p.ErrorCode.VALIDATION, f"slices {message.slice_start} to {stop} (exclusive) are outside "
+                                               f"volume '{volume.volume_id}', which has {slices} slices (0 to "
+                                               f"{slices - 1})")
+    engine = service.ready_engine()
+    job = SweepJob(volume, range(message.slice_start, stop, message.step), engine.batch_size,
+                   lambda engine, batch: service.variants.run(engine, batch, message.prompt, message.options))
+    service.worker.add_sweep(job)
+    service.jobs.add(job)
+    return _reply(job.status(), status=202)
+
+
+@api_router.get(p.ROUTE_SWEEP, summary="A sweep's state, progress and answers so far")
+def sweep_status(request: Request, job_id: str) -> JSONResponse:
+    return _reply(_service(request).jobs.get(job_id).status())
+
+
+@api_router.delete(p.ROUTE_SWEEP, summary="Cancel a sweep (its answers so far stay)")
+def cancel_sweep(request: Request, job_id: str) -> JSONResponse:
+    job = _service(request).jobs.get(job_id)
+    job.cancel()
+    return _reply(job.status())
+
+
+async def _wait(service: Service, future: Future) -> Any:
+    """The task's Timed result; 503 when it waited too long (a task that has not started yet is dropped)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), service.limits.query_timeout_s)
+    except asyncio.TimeoutError:
+        future.cancel()
+        raise busy(f"no answer within {service.limits.query_timeout_s:g} s: the model is busy with other "
+                   "requests", 30) from None
+    except ValueError as error:  # EngineError: input the engine refuses
+        raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error

@@ -1,0 +1,86 @@
+"""Uploaded volumes, kept in memory for sweeps: a byte cap (least recently used go first) and an idle expiry.
+
+A volume is a read-only model-view array [S, R, C] int16 with its (col, row, slice) spacing. A sweep holds its own
+reference, so evicting a volume never breaks a running sweep; it only stops new sweeps from naming it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from SlicerMiniGPTPancreas import protocol as p
+
+from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class StoredVolume:
+    volume_id: str
+    array: np.ndarray  # [S, R, C] int16 HU, model view
+    spacing_mm: tuple[float, float, float]  # (col, row, slice)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+
+class VolumeStore:
+    """Thread-safe map volume_id -> StoredVolume with a total byte cap and an idle time-to-live."""
+
+    def __init__(self, capacity_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._volumes: OrderedDict[str, tuple[StoredVolume, float]] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def add(self, array: np.ndarray, spacing_mm: tuple[float, ...]) -> StoredVolume:
+        """Keep `array`, evicting expired and then least recently used volumes to make room."""
+        if array.nbytes > self.capacity_bytes:
+            raise ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
+                           f"the volume has {array.nbytes} bytes but this server keeps at most {self.capacity_bytes} "
+                           "bytes of volumes; send a slice range (crop the volume) or restart the server with a "
+                           "larger --volume-memory")
+        volume = StoredVolume(secrets.token_urlsafe(12), array, tuple(spacing_mm))  # 16 URL-safe characters
+        with self._lock:
+            self._expire()
+            while self._used() + volume.nbytes > self.capacity_bytes:
+                self._volumes.popitem(last=False)
+            self._volumes[volume.volume_id] = (volume, self._clock())
+        return volume
+
+    def get(self, volume_id: str) -> StoredVolume:
+        """The volume, marked as just used; 404 "not_found" when unknown or expired."""
+        with self._lock:
+            self._expire()
+            entry = self._volumes.get(volume_id)
+            if entry is None:
+                raise ApiError(p.ErrorCode.NOT_FOUND,
+                               f"no volume '{volume_id}' on this server: it was never uploaded, expired after "
+                               f"{self.ttl_s:g} s unused, made room for newer uploads, or the server restarted")
+            self._volumes[volume_id] = (entry[0], self._clock())
+            self._volumes.move_to_end(volume_id)
+            return entry[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._volumes.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._volumes)
+
+    def _used(self) -> int:
+        return sum(volume.nbytes for volume, _ in self._volumes.values())
+
+    def _expire(self) -> None:
+        deadline = self._clock() - self.ttl_s
+        for volume_id in [key for key, (_, used) in self._volumes.items() if used < deadline]:
+            del self._volumes[volume_id]

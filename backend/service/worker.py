@@ -1,0 +1,233 @@
+"""The one thread that owns the inference engine (and so the GPU).
+
+HTTP handlers never call the model: they submit tasks here and wait on a future. Interactive tasks (a slice query,
+a chat turn) go first, in arrival order; sweep jobs advance one batch at a time between them, round robin, so a
+whole-volume sweep never holds a single-slice question up for longer than one batch. Both queues are bounded;
+a full queue is refused at once (QueueFullError -> HTTP 503 with Retry-After) instead of piling up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+SWEEP_BATCHES_GUESS = 10  # a sweep's remaining batches are unknown here; guess for Retry-After
+
+
+class WorkerUnavailableError(RuntimeError):
+    """The engine cannot take work: still loading, failed to load, or shutting down."""
+
+    def __init__(self, message: str, retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # None: retrying will not help
+
+
+class QueueFullError(RuntimeError):
+    """Too much work is already waiting; `retry_after_s` estimates when there will be room."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BatchJob(Protocol):
+    """Work done in batches on the worker (a sweep job): advance one batch, say whether more remain."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def run_next_batch(self, engine: Any) -> bool: ...
+
+    def cancel(self, message: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A task's result and how long it waited in the queue before the worker started it."""
+
+    value: Any
+    queue_ms: float
+
+
+@dataclass
+class _Task:
+    run: Callable[[Any], Any]  # engine -> value
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class EngineWorker:
+    """Owns the engine on one thread. Give `engine`, or `load_engine` to build it on that thread (health: loading).
+
+    `before_batch`, if given, runs on the worker thread before every engine call (tests use it to hold the worker).
+    """
+
+    def __init__(self, engine: Any = None, *, load_engine: Callable[[], Any] | None = None, max_queue: int = 8,
+                 max_sweeps: int = 4, before_batch: Callable[[], None] | None = None) -> None:
+        if (engine is None) == (load_engine is None):
+            raise ValueError("give exactly one of engine and load_engine")
+        self._engine = engine
+        self._load_engine = load_engine
+        self.max_queue = max_queue
+        self.max_sweeps = max_sweeps
+        self._before_batch = before_batch
+        self.state = "ok" if engine is not None else "loading"  # a protocol HEALTH_STATES value
+        self.load_error: str | None = None
+        self._tasks: deque[_Task] = deque()
+        self._sweeps: deque[BatchJob] = deque()
+        self._current: _Task | BatchJob | None = None
+        self._stopping = False
+        self._batch_s = 1.0  # moving average of one engine call, for Retry-After
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._main, name="minigpt-engine", daemon=True)
+
+    @property
+    def engine(self) -> Any:
+        """The engine once loaded (None before); for reading its description (model_id, device...), not to run."""
+        return self._engine
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._current is not None or bool(self._tasks) or bool(self._sweeps)
+
+    @property
+    def queued(self) -> int:
+        """Slice queries and chat turns waiting for the engine (not counting the one it runs)."""
+        with self._cond:
+            return len(self._tasks)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, fail waiting tasks, cancel sweeps, and wait for the batch in progress to end."""
+        stopping = WorkerUnavailableError("the server is shutting down", None)
+        with self._cond:
+            self._stopping = True
+            pending, self._tasks = list(self._tasks), deque()
+            jobs, self._sweeps = list(self._sweeps), deque()
+            current = self._current
+            self._cond.notify_all()
+        for task in pending:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(stopping)
+        for job in jobs + ([current] if current is not None and not isinstance(current, _Task) else []):
+            job.cancel("the server shut down")
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("the engine thread is still busy after %.0f s; exiting without it", timeout_s)
+
+    def submit(self, run: Callable[[Any], Any]) -> Future:
+        """Queue `run(engine)`; the future gives a Timed. A future cancelled before it starts is skipped."""
+        task = _Task(run)
+        with self._cond:
+            self._check_available()
+            if len(self._tasks) >= self.max_queue:
+                raise QueueFullError(f"the limit of {self.max_queue} request(s) waiting for the model is reached",
+                                     self._retry_after_s(len(self._tasks) + 1))
+            self._tasks.append(task)
+            self._cond.notify_all()
+        return task.future
+
+    def add_sweep(self, job: BatchJob) -> None:
+        """Queue a batch job; it runs a batch at a time until it reports no more work or is finished."""
+        with self._cond:
+            self._check_available()
+            active = len(self._sweeps) + (self._current is not None and not isinstance(self._current, _Task))
+            if active >= self.max_sweeps:
+                raise QueueFullError(f"the limit of {self.max_sweeps} sweep(s) running or waiting is reached; "
+                                     "wait for one to finish or cancel one",
+                                     self._retry_after_s(active * SWEEP_BATCHES_GUESS))
+            self._sweeps.append(job)
+            self._cond.notify_all()
+
+    # --- the worker thread ----------------------------------------------------------------------------------------
+
+    def _check_available(self) -> None:
+        if self._stopping:
+            raise WorkerUnavailableError("the server is shutting down", None)
+        if self.state == "loading":
+            raise WorkerUnavailableError("the model is still loading", 10)
+        if self.state == "error":
+            raise WorkerUnavailableError(f"the model failed to load ({self.load_error}); fix the model files and "
+                                         "restart the server", None)
+
+    def _retry_after_s(self, batches_ahead: int) -> int:
+        return max(1, min(300, math.ceil(self._batch_s * batches_ahead)))
+
+    def _main(self) -> None:
+        if self._load_engine is not None and not self._load():
+            return
+        while True:
+            with self._cond:
+                while not self._stopping and not self._tasks and not self._sweeps:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                item = self._tasks.popleft() if self._tasks else self._sweeps.popleft()
+                self._current = item
+            more = False
+            try:
+                more = self._run(item)
+            except Exception:  # noqa: BLE001 - a job's own errors end the job; this keeps the thread alive
+                log.exception("the engine thread failed on %r", item)
+            finally:
+                with self._cond:
+                    self._current = None
+                    if more and not self._stopping:
+                        self._sweeps.append(item)
+
+    def _load(self) -> bool:
+        try:
+            engine = self._load_engine()
+        except Exception as error:  # noqa: BLE001 - shown by /healthz and the log, the server stays up to say so
+            log.exception("the model failed to load")
+            with self._cond:
+                self.load_error = f"{type(error).__name__}: {error}"
+                self.state = "error"
+            return False
+        with self._cond:
+            self._engine = engine
+            self.state = "ok"
+        log.info("model %s ready on %s", getattr(engine, "model_id", "?"), getattr(engine, "device", "?"))
+        return True
+
+    def _run(self, item: _Task | BatchJob) -> bool:
+        """Run one task or one batch of a job; True when the job has more batches."""
+        if isinstance(item, _Task):
+            if not item.future.set_running_or_notify_cancel():
+                return False  # its caller gave up waiting
+            started = time.monotonic()
+            try:
+                self._call_before_batch()
+                value = item.run(self._engine)
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting request
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(Timed(value, (started - item.submitted) * 1000.0))
+            self._record(time.monotonic() - started)
+            return False
+        if item.finished:
+            return False
+        started = time.monotonic()
+        self._call_before_batch()
+        more = item.run_next_batch(self._engine)
+        self._record(time.monotonic() - started)
+        return more
+
+    def _call_before_batch(self) -> None:
+        if self._before_batch is not None:
+            self._before_batch()
+
+    def _record(self, seconds: float) -> None:
+        self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
