@@ -82,7 +82,7 @@ class InferenceEngine:
         Loading errors (`backend.CheckpointError`, `QuantizationError`) say what is wrong with the files."""
         from backend.model_dir import load_model
 
-        torch_dtype = _resolve_dtype(dtype, device)
+        torch_dtype = resolve_dtype(dtype, device)
         model = load_model(path, dtype=torch_dtype, device=device, quantization=quantization)
         precision = str(torch_dtype).removeprefix("torch.")
         if quantization:
@@ -167,7 +167,8 @@ class InferenceEngine:
         return self._box_constraint
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """A dtype by name; None = automatic: float32 on the CPU, bfloat16 on a GPU that supports it, else float16."""
     if dtype is None:
         if not str(device).startswith("cuda"):
             return torch.float32

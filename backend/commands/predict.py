@@ -211,7 +211,7 @@ def _check_model_source(args: argparse.Namespace) -> None:
 def _load_engine(args: argparse.Namespace):
     import torch
 
-    from backend.engine import InferenceEngine
+    from backend.engine import InferenceEngine, resolve_dtype
 
     device = args.device
     if device == "auto":
@@ -223,13 +223,10 @@ def _load_engine(args: argparse.Namespace):
         return InferenceEngine.from_model_dir(args.model, device=device, dtype=dtype, batch_size=args.batch_size)
     from backend.checkpoints import load_upstream
 
-    if dtype is None:
-        on_gpu = device == "cuda"
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
     vit, llama, checkpoint = args.upstream
-    model = load_upstream(vit, llama, checkpoint, image_size=args.image_size, dtype=getattr(torch, dtype),
+    model = load_upstream(vit, llama, checkpoint, image_size=args.image_size, dtype=resolve_dtype(dtype, device),
                           device=device)
-    return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem, precision=dtype)
+    return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem)
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:

@@ -107,7 +107,7 @@ def _device(name: str) -> str:
 
 def _engine_loader(args: argparse.Namespace, device: str):
     """A function that loads the engine (run on the engine thread), after a quick check that the files exist."""
-    from backend.engine import InferenceEngine
+    from backend.engine import InferenceEngine, resolve_dtype
 
     if args.model is not None:
         from backend.model_dir import read_manifest
@@ -124,23 +124,12 @@ def _engine_loader(args: argparse.Namespace, device: str):
     def load() -> InferenceEngine:
         from backend.checkpoints import load_upstream
 
-        dtype = _dtype(args.dtype, device)
-        model = load_upstream(vit, llama, checkpoint, image_size=args.image_size, dtype=dtype, device=device,
+        model = load_upstream(vit, llama, checkpoint, image_size=args.image_size,
+                              dtype=resolve_dtype(args.dtype, device), device=device,
                               quantization=args.quantization)
         return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem)
 
     return load
-
-
-def _dtype(name: str | None, device: str):
-    """float32 on the CPU; on a GPU bfloat16 where supported, else float16 (as InferenceEngine.from_model_dir)."""
-    import torch
-
-    if name is not None:
-        return getattr(torch, name)
-    if not device.startswith("cuda"):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _serve(args: argparse.Namespace, sock: socket.socket, load_engine, token: str | None, device: str) -> int:
