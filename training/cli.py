@@ -13,6 +13,8 @@ from backend.cli import run_commands
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare.command",
                 "turn NIH Pancreas-CT, MSD Task07 or AbdomenCT-1K into slice PNGs, records, splits and task sets"),
+    "fit": ("training.commands.fit",
+            "fine-tune one stage of the cascade (LoRA + llama_proj) from a JSON config; resumable, multi-GPU"),
 }
 DESCRIPTION = "MiniGPT-Pancreas training: dataset preparation, fine-tuning, evaluation and export."
 

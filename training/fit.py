@@ -1,0 +1,366 @@
+"""One stage of the cascaded LoRA fine-tune (`minigpt-pancreas-train fit CONFIG.json`), top to bottom.
+
+Upstream's recipe (upstream-spec.md section 5.1), kept exactly unless noted:
+* trainable: llama_proj + the LoRA matrices (the ViT, ln_vision and the LLaMA stay frozen);
+* AdamW, betas (0.9, 0.999), weight decay 0.05 on matrices, 0 on biases and norms;
+* LR per iteration from `lr_at` (upstream's LinearWarmupCosineLRScheduler); an "epoch" is `iters_per_epoch`
+  iterations, each one batch from ONE dataset chosen by sample ratio (`training.data`);
+* AMP on CUDA: float16 weights + autocast + GradScaler; no gradient clipping;
+* gradient accumulation: the loss is divided by the number of accumulated batches (upstream summed them; the
+  default of 1 makes both the same);
+* a checkpoint after every epoch and at the end: `checkpoint_{epoch}.pth` in upstream's format plus
+  `model_epoch_{epoch}/` in ours (layout: training/config.py). Resuming restores weights, optimizer, scaler,
+  step and every random state, so a resumed run computes what an uninterrupted one would.
+
+Several GPUs: `torchrun --nproc-per-node 4 -m training.cli fit CONFIG.json` (DistributedDataParallel; each
+process draws its own batches of `batch_size`; rank 0 writes the files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from backend.checkpoint_io import CheckpointError, load_torch_file, to_internal_name, to_upstream_name
+from backend.checkpoints import load_upstream
+from backend.config import MiniGPTConfig
+from backend.model import MiniGPTv2
+from backend.model_dir import load_model, read_manifest, save_model_dir
+from backend.output_folder import staged_folder
+from training.config import (LATEST_FILE, LOG_FILE, FitConfig, FitConfigError, checkpoint_name, model_dir_name,
+                             prepare_output_dir, resolve_previous_stage)
+from training.data import TrainingData
+from training.prepare.files import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: MiniGPTv2  # the trained model, in eval mode
+    step: int  # iterations done in total (including those before a resume)
+    latest: dict[str, Any] | None  # the record of latest.json: step, epoch, checkpoint, model_dir
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    """Upstream's LinearWarmupCosineLRScheduler before global iteration `step` (0-based, = epoch * ipe + i).
+
+    While step < warmup_steps: warmup_lr + (init_lr - warmup_lr) * i / warmup_steps, at most init_lr, where i is
+    the iteration WITHIN the epoch (upstream passes that, so a warmup longer than an epoch restarts each epoch).
+    Then cosine from init_lr to min_lr over all max_epoch * iters_per_epoch iterations, by the global step.
+    """
+    if step < cfg.warmup_steps:
+        i = step % cfg.iters_per_epoch
+        return min(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * i / max(cfg.warmup_steps, 1))
+    return (cfg.init_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / cfg.total_steps)) + cfg.min_lr
+
+
+def build_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors; no weight decay for 1-d tensors or names with bias / ln / bn."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            exempt = param.ndim < 2 or any(part in to_upstream_name(name) for part in ("bias", "ln", "bn"))
+            (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.init_lr, betas=cfg.betas)
+
+
+def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
+    """Train one stage as `cfg` says; `resume` continues the run in cfg.output_dir, `force` replaces it."""
+    procs = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                      int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(cfg.device, procs)
+    dtype = resolve_dtype(cfg.precision, device)
+    if procs.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # every task entry and image is checked before anything is written or the (slow) model is loaded
+    data = TrainingData(cfg.datasets, cfg.batch_size, starting_image_size(cfg), cfg.seed, procs.rank,
+                        procs.world_size, cfg.num_workers)
+    latest = _broadcast(prepare_output_dir(cfg, resume, force) if procs.rank == 0 else None, procs)
+    torch.manual_seed(cfg.seed + procs.rank)  # upstream: seed + rank; LoRA dropout draws from it
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+    model = load_starting_model(cfg, dtype, device)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model.llama_model)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    step = restore_checkpoint(cfg.output_dir / latest["checkpoint"], model, optimizer, scaler, data, procs) \
+        if latest else 0
+    loss_of = _LossModule(model)
+    if procs.world_size > 1:
+        loss_of = nn.parallel.DistributedDataParallel(
+            loss_of, device_ids=[device.index] if device.type == "cuda" else None)
+    log = RunLog(cfg, procs.rank, step)
+    log.say(_describe(cfg, model, data, device, dtype, procs, latest))
+
+    model.train()
+    try:
+        while step < cfg.last_step:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = data.next_batch()
+            step += 1
+            update = step % cfg.grad_accumulation == 0
+            # DDP averages gradients over processes only on the backward that precedes an optimizer step
+            with nullcontext() if update or procs.world_size == 1 else loss_of.no_sync():
+                with model.autocast():
+                    loss = loss_of(batch.pixels.to(device), batch.instructions, batch.answers)
+                scaler.scale(loss / cfg.grad_accumulation).backward()
+            if update:
+                scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            log.step(step, _mean_over_processes(loss.detach(), procs), lr)
+            if step % cfg.iters_per_epoch == 0 or step == cfg.last_step:
+                latest = save_checkpoint(cfg, step, model, optimizer, scaler, data, procs)
+                log.checkpoint(latest)
+    finally:
+        log.flush()
+        data.close()
+        if procs.world_size > 1:
+            dist.destroy_process_group()
+    return FitResult(model.eval(), step, latest)
+
+
+class _LossModule(nn.Module):
+    """DistributedDataParallel synchronises gradients of `forward`; here forward is the training loss."""
+
+    def __init__(self, model: MiniGPTv2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        return self.model.training_loss(pixels, instructions, answers)
+
+
+# ---------------------------------------------------------------------------------- device, precision, model
+
+def resolve_device(name: str, procs: Processes) -> torch.device:
+    """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise FitConfigError(f"'device': {name!r} is not a device such as 'cpu', 'cuda' or 'cuda:1'.") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FitConfigError(f"'device' is {name!r} but CUDA is not available here; use 'cpu' or 'auto'.")
+        device = torch.device("cuda", procs.local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The weights' and autocast's dtype: "auto" is upstream's float16 AMP on CUDA and float32 elsewhere."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "float16" and device.type != "cuda":
+        raise FitConfigError("'precision': float16 training needs a CUDA device; use bfloat16 or float32 on "
+                             f"{device.type}.")
+    return getattr(torch, precision)
+
+
+def load_starting_model(cfg: FitConfig, dtype: torch.dtype, device: torch.device) -> MiniGPTv2:
+    source = cfg.model
+    if source.kind == "upstream":
+        return load_upstream(source.vit_checkpoint, source.llama_dir, source.checkpoint,
+                             image_size=source.image_size, dtype=dtype, device=device)
+    return load_model(_starting_folder(cfg), dtype=dtype, device=device)
+
+
+def starting_image_size(cfg: FitConfig) -> int:
+    """The model's input side, known before loading it (a model folder records it in its manifest)."""
+    if cfg.model.kind == "upstream":
+        return cfg.model.image_size
+    return MiniGPTConfig.from_dict(read_manifest(_starting_folder(cfg))["config"]).vision.image_size
+
+
+def _starting_folder(cfg: FitConfig) -> Path:
+    source = cfg.model
+    return source.model_dir if source.kind == "model_dir" else resolve_previous_stage(source.previous_stage,
+                                                                                     source.epoch)
+
+
+def _enable_gradient_checkpointing(llm: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        llm.activation_checkpointing_enable(kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def upstream_state(model: MiniGPTv2) -> dict[str, torch.Tensor]:
+    """The checkpoint's "model": llama_proj + LoRA under peft 0.2.0 names, plus ln_vision when it is not the
+    identity (upstream's strict=False loading takes it, and dropping it would change the model)."""
+    state = {name: tensor.cpu() for name, tensor in model.trainable_state_dict().items()}
+    norm = model.ln_vision
+    if not (bool((norm.weight == 1).all()) and bool((norm.bias == 0).all())):
+        state.update({f"ln_vision.{key}": value.detach().cpu() for key, value in norm.state_dict().items()})
+    return state
+
+
+def save_checkpoint(cfg: FitConfig, step: int, model: MiniGPTv2, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, data: TrainingData, procs: Processes) -> dict[str, Any]:
+    """Write model_epoch_{e}/, then checkpoint_{e}.pth, then latest.json (rank 0); return latest.json's record."""
+    epoch = (step - 1) // cfg.iters_per_epoch
+    random_states = _gather({"data": data.state_dict(), "torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, procs)
+    record = {"step": step, "epoch": epoch, "epoch_complete": step % cfg.iters_per_epoch == 0,
+              "checkpoint": checkpoint_name(epoch), "model_dir": model_dir_name(epoch)}
+    if procs.rank == 0:
+        out = cfg.output_dir
+        with staged_folder(out / record["model_dir"]) as staging:
+            save_model_dir(model, staging, hash_base_files=cfg.hash_base_files)
+            staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
+        payload = {"model": upstream_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                   "epoch": epoch, "config": cfg.to_dict(), "step": step, "random_states": random_states}
+        _atomic_torch_save(payload, out / record["checkpoint"])
+        atomic_write_bytes(out / LATEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    _barrier(procs)
+    return record
+
+
+def restore_checkpoint(path: Path, model: MiniGPTv2, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler, data: TrainingData, procs: Processes) -> int:
+    """Load a checkpoint written by `save_checkpoint` into the run's objects; return its step."""
+    state = load_torch_file(path, "fit checkpoint")
+    parameters = model.state_dict(keep_vars=True)
+    names = {name: to_internal_name(name, model.config.lora_target_modules) for name in state["model"]}
+    missing = sorted(set(model.trainable_state_dict()) - set(state["model"]))
+    unknown = sorted(name for name, internal in names.items() if internal not in parameters)
+    if missing or unknown:
+        raise CheckpointError(f"{path} does not fit this model (missing {missing[:3]}, unknown {unknown[:3]}); "
+                              "it belongs to another run. Start over with --force.")
+    with torch.no_grad():
+        for name, tensor in state["model"].items():
+            parameters[names[name]].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    mine = state["random_states"]
+    if len(mine) == procs.world_size:
+        data.load_state_dict(mine[procs.rank]["data"])
+        torch.set_rng_state(mine[procs.rank]["torch"])
+        if mine[procs.rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine[procs.rank]["cuda"])
+    elif procs.rank == 0:
+        print(f"note: {path} was written by {len(mine)} processes, this run has {procs.world_size}; weights and "
+              "optimizer are restored, the data order starts afresh.", flush=True)
+    return int(state["step"])
+
+
+def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(descriptor)
+    try:
+        torch.save(payload, temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------- processes, logging
+
+def _broadcast(value: Any, procs: Processes) -> Any:
+    if procs.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value: Any, procs: Processes) -> list[Any]:
+    if procs.world_size == 1:
+        return [value]
+    values = [None] * procs.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _barrier(procs: Processes) -> None:
+    if procs.world_size > 1:
+        dist.barrier()
+
+
+def _mean_over_processes(loss: torch.Tensor, procs: Processes) -> float:
+    if procs.world_size > 1:
+        dist.all_reduce(loss)
+        loss = loss / procs.world_size
+    return float(loss)
+
+
+class RunLog:
+    """Progress on stdout every `log_every` steps and one JSON line per step in log.jsonl (rank 0 only).
+
+    On resume the log is cut back to the checkpoint's step, so it always describes the run that the weights are.
+    """
+
+    def __init__(self, cfg: FitConfig, rank: int, start_step: int) -> None:
+        self.cfg, self.active, self.file = cfg, rank == 0, cfg.output_dir / LOG_FILE
+        self.pending: list[dict[str, Any]] = []
+        self.mark = (start_step, time.monotonic())  # (step, time) of the last progress line, for it/s
+        if self.active and self.file.is_file():
+            kept = [line for line in self.file.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            atomic_write_bytes(self.file, "".join(line + "\n" for line in kept).encode())
+
+    def say(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        epoch = (step - 1) // self.cfg.iters_per_epoch
+        self.pending.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr})
+        if step % self.cfg.log_every == 0 or step == self.cfg.last_step:
+            (done, since), now = self.mark, time.monotonic()
+            self.mark = (step, now)
+            self.say(f"step {step}/{self.cfg.last_step} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
+                     f"{(step - done) / max(now - since, 1e-9):.2f} it/s")
+            self.flush()
+
+    def checkpoint(self, record: dict[str, Any]) -> None:
+        self.pending.append({"event": "checkpoint", **record})
+        self.flush()
+        self.say(f"saved {record['checkpoint']} and {record['model_dir']}/ (step {record['step']})")
+
+    def flush(self) -> None:
+        if self.active and self.pending:
+            with open(self.file, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in self.pending)
+        self.pending.clear()
+
+
+def _describe(cfg: FitConfig, model: MiniGPTv2, data: TrainingData, device: torch.device, dtype: torch.dtype,
+              procs: Processes, latest: dict[str, Any] | None) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [f"fit {cfg.stage or cfg.output_dir.name}: {cfg.model.kind} model, {trainable:,} trainable parameters, "
+             f"{device} {str(dtype).replace('torch.', '')}, {procs.world_size} process(es)"]
+    lines += [f"  {d.name}: {len(d)} entries, sample_ratio {d.spec.sample_ratio:g}" for d in data.datasets]
+    start = f"resuming after step {latest['step']}" if latest else "starting"
+    lines.append(f"  {start}; {cfg.last_step} of {cfg.total_steps} steps ({cfg.max_epoch} epochs of "
+                 f"{cfg.iters_per_epoch}), batch {cfg.batch_size} x {cfg.grad_accumulation}; output {cfg.output_dir}")
+    return "\n".join(lines)
