@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from SlicerMiniGPTPancreas.atomic import atomic_write
 
 SCHEMA_URL = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
@@ -102,21 +103,14 @@ def write_roi_markups(path: str | os.PathLike, rois: Iterable[RoiMarkup | Sequen
     """Write the ROIs as one `.mrk.json` file, atomically (a temporary file in the same folder, then renamed).
 
     Every ROI is checked before anything is written; an empty `rois` gives a valid file with no markups.
+    The folder must exist (MarkupsError otherwise).
     """
     target = Path(path)
     text = json.dumps(markups_document(rois, color=color, locked=locked), indent=2) + "\n"
     try:
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        return atomic_write(target, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     except OSError as error:
         raise MarkupsError(f"cannot write {target}: {error}. Check that the folder exists and is writable.") from error
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def _checked_roi(roi: RoiMarkup | Sequence) -> tuple[list[float], list[float], str, str]:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
 from SlicerMiniGPTPancreas.phantom import Phantom, direction_lps, reorient
 
 __all__ = [
@@ -76,22 +77,7 @@ def to_sitk_labels(phantom: Phantom, kind: str = "msd"):
 def _write_nifti(image, path: Path) -> None:
     sitk = _sitk()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")  # keeps the .nii.gz suffix for ITK
-    try:
-        sitk.WriteImage(image, str(temporary), True)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda temporary: sitk.WriteImage(image, str(temporary), True))  # True: compress
 
 
 def _case_ids(phantoms: Sequence[Phantom], start_index: int, case_ids: Sequence[int] | None,
@@ -121,8 +107,8 @@ def write_msd(root, phantoms: Sequence[Phantom], start_index: int = 1, *, case_i
         _write_nifti(to_sitk_labels(phantom, "msd"), task / "labelsTr" / name)
         if apple_double:
             junk = APPLE_DOUBLE_HEADER.ljust(4096, b"\0")
-            _write_bytes(junk, task / "imagesTr" / f"._{name}")
-            _write_bytes(junk, task / "labelsTr" / f"._{name}")
+            atomic_write_bytes(task / "imagesTr" / f"._{name}", junk)
+            atomic_write_bytes(task / "labelsTr" / f"._{name}", junk)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     dataset = {
         "name": "Pancreas", "description": "Pancreas and cancer segmentation (synthetic phantom)",
@@ -131,7 +117,7 @@ def write_msd(root, phantoms: Sequence[Phantom], start_index: int = 1, *, case_i
         "labels": {"0": "background", "1": "pancreas", "2": "cancer"},
         "numTraining": len(training), "numTest": 0, "training": training, "test": [],
     }
-    _write_bytes(json.dumps(dataset, indent=4).encode("utf-8"), task / "dataset.json")
+    atomic_write_bytes(task / "dataset.json", json.dumps(dataset, indent=4).encode("utf-8"))
     return task
 
 
@@ -278,5 +264,5 @@ def write_corrupt_file(path) -> Path:
     path = Path(path)
     header = b"\x5c\x01\x00\x00" + bytes(344)  # a NIfTI-1 sizeof_hdr of 348, the rest missing
     compressed = gzip.compress(header + np.arange(4096, dtype=np.int16).tobytes())
-    _write_bytes(compressed[: len(compressed) // 2], path)
+    atomic_write_bytes(path, compressed[: len(compressed) // 2])
     return path

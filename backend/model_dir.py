@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from backend.config import ConfigError, MiniGPTConfig
 from backend.llm import llama_weight_files
 from backend.model import MiniGPTv2
 from backend.tokenizer import UpstreamLlamaTokenizer
+from SlicerMiniGPTPancreas.atomic import atomic_write
 
 FORMAT_NAME = "minigpt-pancreas-model"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
                for name, tensor in model.trainable_state_dict().items()}
     tensors.update({f"ln_vision.{key}": value.detach().float().cpu().contiguous()
                     for key, value in model.ln_vision.state_dict().items()})
-    _atomic_write(folder / TENSORS_FILE, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT_NAME}))
+    atomic_write(folder / TENSORS_FILE, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT_NAME}))
     model.tokenizer.save(folder)
     manifest = {
         "format": FORMAT_NAME,
@@ -66,7 +66,7 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
         "tensors": {"file": TENSORS_FILE, "sha256": sha256_of(folder / TENSORS_FILE)},
     }
     text = json.dumps(manifest, indent=2)
-    _atomic_write(folder / MANIFEST_FILE, lambda temp: Path(temp).write_text(text))
+    atomic_write(folder / MANIFEST_FILE, lambda temp: temp.write_text(text))
     return folder
 
 
@@ -152,16 +152,3 @@ def _compare(file: Path, recorded: dict[str, Any], verify_hashes: bool) -> list[
         if sha256_of(file) != recorded["sha256"]:
             return [f"{file}: sha256 differs from the recorded one (same size, different content)"]
     return []
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Call `write(temp_path)` on a temporary file next to `target`, then rename it over `target`."""
-    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
-    os.close(descriptor)
-    try:
-        write(temp_name)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a model folder is meant to be shared
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from backend import prompts
-from backend.tokenizer import MODEL_FILE_NAME, PAD_TEXT, UpstreamLlamaTokenizer, write_bytes_atomically
+from backend.tokenizer import MODEL_FILE_NAME, PAD_TEXT, UpstreamLlamaTokenizer
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 
 DEFAULT_TINY_VOCAB_SIZE = 400  # 3 specials + 256 byte pieces + 86 characters + 55 merges
 # 345 pieces are required (specials, bytes, characters); above ~850 the corpus runs out of merges.
@@ -99,7 +100,7 @@ def build_tiny_sentencepiece(out_dir: str | os.PathLike, vocab_size: int = DEFAU
     except RuntimeError as error:
         raise ValueError(f"cannot train a tiny SentencePiece model with vocab_size={vocab_size}: {error}") from error
     # Verify a side file first so that a failed check never leaves a bad tokenizer.model behind.
-    unverified = write_bytes_atomically(folder / f".{MODEL_FILE_NAME}.unverified", model_bytes.getvalue())
+    unverified = atomic_write_bytes(folder / f".{MODEL_FILE_NAME}.unverified", model_bytes.getvalue())
     try:
         _verify_pad_is_ordinary(UpstreamLlamaTokenizer(unverified))
     except BaseException:

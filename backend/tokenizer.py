@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 
 MODEL_FILE_NAME = "tokenizer.model"
 BOS_TEXT, EOS_TEXT, UNK_TEXT = "<s>", "</s>", "<unk>"
@@ -39,19 +40,6 @@ _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in (BOS_TEXT, EOS_
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unusable, or ids/arguments are invalid."""
-
-
-def write_bytes_atomically(target: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file next to `target`, then rename it over `target` (never a half file)."""
-    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
 
 
 class UpstreamLlamaTokenizer:
@@ -99,7 +87,7 @@ class UpstreamLlamaTokenizer:
         """Write an identical copy of `tokenizer.model` into `out_dir` (created if needed), atomically."""
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        return write_bytes_atomically(folder / MODEL_FILE_NAME, self._model_bytes)
+        return atomic_write_bytes(folder / MODEL_FILE_NAME, self._model_bytes)
 
     def _control_piece_id(self, piece: str) -> int:
         piece_id = self.sp.piece_to_id(piece)

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from training.prepare.files import atomic_write_bytes
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 
 CONFIG_FILE = "config.json"
 LATEST_FILE = "latest.json"
@@ -338,6 +338,6 @@ def _remove_run_files(out: Path) -> None:
     if not out.is_dir():
         return
     for pattern in (CONFIG_FILE, LATEST_FILE, LOG_FILE, "checkpoint_*.pth", "model_epoch_*", ".model_epoch_*",
-                    ".checkpoint_*", ".tmp-*"):
+                    ".tmp-*"):
         for path in out.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,10 +37,10 @@ from backend.config import MiniGPTConfig
 from backend.model import MiniGPTv2
 from backend.model_dir import load_model, read_manifest, save_model_dir
 from backend.output_folder import staged_folder
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
 from training.config import (LATEST_FILE, LOG_FILE, FitConfig, FitConfigError, checkpoint_name, model_dir_name,
                              prepare_output_dir, resolve_previous_stage)
 from training.data import TrainingData
-from training.prepare.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def save_checkpoint(cfg: FitConfig, step: int, model: MiniGPTv2, optimizer: torc
             staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         payload = {"model": upstream_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                    "epoch": epoch, "config": cfg.to_dict(), "step": step, "random_states": random_states}
-        _atomic_torch_save(payload, out / record["checkpoint"])
+        atomic_write(out / record["checkpoint"], lambda temporary: torch.save(payload, temporary))
         atomic_write_bytes(out / LATEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
     _barrier(procs)
     return record
@@ -269,18 +268,6 @@ def restore_checkpoint(path: Path, model: MiniGPTv2, optimizer: torch.optim.Opti
         print(f"note: {path} was written by {len(mine)} processes, this run has {procs.world_size}; weights and "
               "optimizer are restored, the data order starts afresh.", flush=True)
     return int(state["step"])
-
-
-def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(descriptor)
-    try:
-        torch.save(payload, temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------------------------- processes, logging

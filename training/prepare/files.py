@@ -1,8 +1,8 @@
 """Shared plumbing of `prepare`: its error types, problem reports and atomic file writes.
 
-Every file `prepare` writes appears whole or not at all: it is written to a hidden temporary name in the same
-folder and renamed over the target (`os.replace` is atomic on one file system). An interrupted run therefore
-leaves only finished files (plus, at worst, stray `.tmp-*` files), which is what makes resuming safe.
+Every file `prepare` writes appears whole or not at all (`SlicerMiniGPTPancreas.atomic`): it is written to a
+hidden temporary name in the same folder and renamed over the target. An interrupted run therefore leaves only
+finished files (plus, after a hard kill, stray `.tmp-*` files), which is what makes resuming safe.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 
 DATASETS = ("nih", "msd", "abdomenct1k")
 # The `dataset` value upstream writes into its records, by our dataset name.
@@ -46,26 +47,6 @@ class Problem:
 
     def to_json(self) -> dict[str, str]:
         return asdict(self)
-
-
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, only_if_changed: bool = False) -> None:
-    """Write `data` to `path` atomically, creating parent folders; `only_if_changed` leaves an identical file
-    alone (its modification time too), so re-runs do not look like new outputs to make-like tools."""
-    target = Path(path)
-    if only_if_changed and target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(target)
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any, only_if_changed: bool = False) -> None:

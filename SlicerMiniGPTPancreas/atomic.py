@@ -1,0 +1,61 @@
+"""Write files whole or not at all: the one "temporary file beside the target, then `os.replace`" of the project.
+
+A file is written under a hidden temporary name in the target's folder and renamed over the target, which is
+atomic on one file system: a reader sees the old file or the new one, never a half-written one, and a failed or
+interrupted write (bad input, full disk, Ctrl-C) leaves the previous file untouched and no temporary file behind.
+
+The temporary name is `.tmp-<hex>-<target name>`: it keeps the target's whole suffix (`.nii.gz`, `.mrk.json`),
+because writers such as SimpleITK pick the file format from the extension. The new file gets the permissions of
+any newly created file (0o666 less the umask, 0o644 with the usual umask 022), not the private 0o600 of
+`tempfile.mkstemp`: model folders and datasets are meant to be shared.
+
+No `fsync`: the guarantee is against the writing process failing or being stopped, not against a power cut or
+an operating-system crash, after which a just-renamed file may be empty. Syncing every file would make `prepare`
+(thousands of small PNGs) and the test suite much slower for a case a re-run repairs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_write_bytes"]
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary_path)` to write the file, then rename it over `target`; return `target` as a Path.
+
+    The target's folder must exist (an OSError such as FileNotFoundError otherwise). `write` gets an empty file
+    at a path beside the target with the target's suffix; it may overwrite or recreate it. On any exception,
+    from `write` or from the rename, the temporary file is removed and the exception re-raised.
+    """
+    target = Path(target)
+    temporary = target.with_name(f".tmp-{secrets.token_hex(6)}-{target.name}")
+    # O_EXCL: never reuse an existing file. Mode 0o666 is reduced by the umask, as for any new file.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            new_file_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        write(temporary)
+        os.chmod(temporary, new_file_mode)  # in case the writer recreated the file with other permissions
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes, only_if_changed: bool = False) -> Path:
+    """Write `data` to `target` atomically, creating missing parent folders; return `target` as a Path.
+
+    only_if_changed: leave an existing file with exactly these bytes alone, its modification time included, so
+    that a re-run does not look like new output to make-like tools.
+    """
+    target = Path(target)
+    if only_if_changed and target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(target, lambda temporary: temporary.write_bytes(data))
