@@ -17,7 +17,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import requests
-import uvicorn
 
 from backend import cli
 from backend.checkpoints import load_upstream
@@ -25,6 +24,7 @@ from backend.engine import InferenceEngine
 from backend.service import ServiceLimits, create_app
 from backend.service.volumes import VolumeStore
 from backend.tiny_upstream import build_tiny_upstream
+from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import grammar
 from SlicerMiniGPTPancreas import protocol as p
@@ -70,38 +70,6 @@ class Gate:
     def wait_until_held(self) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: self._waiting > 0, WAIT_S), "the engine never reached the gate"
-
-
-class LiveServer:
-    """A uvicorn server for `app` on 127.0.0.1:<free port> in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + WAIT_S
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(WAIT_S)
-        assert not self.thread.is_alive(), "the server did not shut down"
-
-    @property
-    def service(self):
-        return self.app.state.service
-
-    def client(self, token: str | None = None) -> c.MiniGPTPancreasClient:
-        return c.MiniGPTPancreasClient(self.url, token=token, read_timeout=WAIT_S)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# slicer_fixtures first: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
-from slicer_fixtures import (MODULE_DIR, REFER, ROOT, ROTATE_90_AND_SHIFT, WAIT_S, Gate, LiveServer, add_ct,
+from live_server import LiveServer
+# slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
+from slicer_fixtures import (MODULE_DIR, REFER, ROOT, ROTATE_90_AND_SHIFT, WAIT_S, Gate, add_ct,
                              expected_view, new_scene, noise_free_phantom, truth_slices)
 
 from MiniGPTPancreasLib import boxes_to_markups, prompts
