@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "turn NIH Pancreas-CT, MSD Task07 or AbdomenCT-1K into slice PNGs, records, splits and task sets"),
     "fit": ("training.commands.fit",
             "fine-tune one stage of the cascade (LoRA + llama_proj) from a JSON config; resumable, multi-GPU"),
+    "evaluate": ("training.commands.evaluate",
+                 "answer the prepared test sets and write the paper's tables under upstream's E1/E2/E3 and STRICT"),
 }
 DESCRIPTION = "MiniGPT-Pancreas training: dataset preparation, fine-tuning, evaluation and export."
 

@@ -1,0 +1,295 @@
+"""`minigpt-pancreas-train evaluate`: answer every test entry of the chosen task sets, keep each raw answer, score.
+
+The output folder (`--out`) holds:
+
+    run.json                   what produced the predictions: model identity, prompts, answer length
+    predictions/<task>.jsonl   one line per answered test entry: q_id, image, prompt, answer, yes_probability,
+                               seconds. Lines are appended (and synced) after every batch, so an interrupted run
+                               keeps what it did and the same command later answers only the missing q_ids.
+    metrics.json, tables.md, tables.csv, iou_histograms.png   written whole by `evaluate_report`
+
+Prompts are upstream's evaluation prompts (upstream-spec.md 6.1, 6.3): "[refer] give me the location of the
+{phrase}" for detection entries (they carry a `phrase`), the fixed `TC_EVAL_PROMPT` for yes/no entries. The
+yes/no probability comes from the same answer's first-token logits. Scoring (`evaluate_scoring`) reads only the
+saved answers, so `rescore` compares protocols without the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+
+COMMAND_NAME = "minigpt-pancreas-train evaluate"
+RUN_FILE = "run.json"
+PREDICTIONS_DIR = "predictions"
+TEST_SUFFIX = "_test.json"
+# run.json keys that must match for saved predictions to be reused (the prepared folder may move).
+_SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts")
+_DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
+_YES_NO_KEYS = ("q_id", "image", "answer")
+
+Progress = Callable[[str, int, int], None]  # (task, entries answered so far, entries of the task)
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot run as asked (unknown task, missing images, predictions of another run...)."""
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """The test entries of one task (in file order, optionally the first `limit`) and how they are asked."""
+
+    name: str
+    kind: str  # "detection" (entries carry phrase + bbox) or "yes_no"
+    entries: list[dict[str, Any]]
+
+
+def prompts_used() -> dict[str, str]:
+    """Upstream's fixed evaluation prompts (the refer one is formatted with each entry's phrase)."""
+    from backend import prompts
+
+    return {"refer": prompts.REFER_EVAL_TEMPLATE, "yes_no": prompts.TC_EVAL_PROMPT}
+
+
+def entry_prompt(task: TaskSet, entry: dict[str, Any]) -> str:
+    """The question asked about one entry."""
+    templates = prompts_used()
+    return templates["refer"].format(entry["phrase"]) if task.kind == "detection" else templates["yes_no"]
+
+
+# ------------------------------------------------------------------------------------------------ task sets
+
+def available_tasks(prepared: Path) -> list[str]:
+    """Tasks with a test file in `prepared/tasks/`, sorted."""
+    return sorted(path.name[: -len(TEST_SUFFIX)] for path in (Path(prepared) / "tasks").glob(f"*{TEST_SUFFIX}"))
+
+
+def load_task(prepared: Path, task: str, limit: int | None = None) -> TaskSet:
+    """Read and check `prepared/tasks/<task>_test.json`; keep its first `limit` entries when given."""
+    path = Path(prepared) / "tasks" / f"{task}{TEST_SUFFIX}"
+    if not path.is_file():
+        known = ", ".join(available_tasks(prepared)) or "none"
+        raise EvaluateError(f"no test set for task {task!r}: {path} is missing. Tasks in {prepared}: {known}.")
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluateError(f"cannot read {path}: {error}. Re-run `prepare`.") from error
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise EvaluateError(f"{path} holds no test entries (expected a non-empty JSON list of objects).")
+    kind = "detection" if "phrase" in entries[0] else "yes_no"
+    required = _DETECTION_KEYS if kind == "detection" else _YES_NO_KEYS
+    for entry in entries:
+        missing = [key for key in required if key not in entry]
+        if missing:
+            raise EvaluateError(f"{path}: entry q_id={entry.get('q_id')} lacks {missing}; every {kind} entry needs "
+                                f"{list(required)}. Re-run `prepare` with this version.")
+    q_ids = [entry["q_id"] for entry in entries]
+    if len(set(q_ids)) != len(q_ids):
+        raise EvaluateError(f"{path}: q_ids repeat; every entry needs its own q_id. Re-run `prepare`.")
+    return TaskSet(task, kind, entries[:limit] if limit else entries)
+
+
+def resolve_tasks(prepared: Path, names: Sequence[str] | None, limit: int | None = None,
+                  check_images: bool = False) -> list[TaskSet]:
+    """The named tasks (default: every task with a test file), checked (with their PNGs when `check_images`)
+    before any model time is spent."""
+    names = list(names) if names else available_tasks(prepared)
+    if not names:
+        raise EvaluateError(f"{Path(prepared) / 'tasks'} holds no *{TEST_SUFFIX} files; is {prepared} the output "
+                            "folder of `minigpt-pancreas-train prepare`?")
+    tasks = [load_task(prepared, name, limit) for name in dict.fromkeys(names)]
+    for task in tasks if check_images else ():
+        missing = [entry["image"] for entry in task.entries if not (Path(prepared) / entry["image"]).is_file()]
+        if missing:
+            raise EvaluateError(f"{len(missing)} image(s) of {task.name} are missing under {prepared}, e.g. "
+                                f"{missing[0]}; give the folder `prepare` wrote (--prepared) or re-run `prepare`.")
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+def predictions_path(out: Path, task: str) -> Path:
+    return Path(out) / PREDICTIONS_DIR / f"{task}.jsonl"
+
+
+def read_predictions(path: Path) -> tuple[dict[int, dict[str, Any]], int]:
+    """({q_id: record}, number of unreadable lines). A line cut short by a crash is unreadable and dropped."""
+    records: dict[int, dict[str, Any]] = {}
+    broken = 0
+    if not path.is_file():
+        return records, 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            records[int(record["q_id"])] = record
+        except (ValueError, TypeError, KeyError):
+            broken += 1
+    return records, broken
+
+
+def checked_predictions(out: Path, task: TaskSet) -> dict[int, dict[str, Any]]:
+    """The saved answers of `task` by q_id, each checked to belong to the same image as its test entry."""
+    records, _ = read_predictions(predictions_path(out, task.name))
+    _check_images(out, task, records)
+    return records
+
+
+def _check_images(out: Path, task: TaskSet, records: dict[int, dict[str, Any]]) -> None:
+    for entry in task.entries:
+        record = records.get(entry["q_id"])
+        if record is not None and record.get("image") != entry["image"]:
+            raise EvaluateError(
+                f"{predictions_path(out, task.name)}: q_id {entry['q_id']} was answered on {record.get('image')} but "
+                f"the test set now has {entry['image']} there: the task files changed since. Evaluate into a new "
+                "--out, or pass --force to start over.")
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append whole lines and sync them, so a crash after this call loses none of them."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _drop_broken_lines(path: Path, records: dict[int, dict[str, Any]]) -> None:
+    """Rewrite the file without a torn last line before appending to it again."""
+    text = "".join(json.dumps(record) + "\n" for record in records.values())
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _load_rgb(prepared: Path, entry: dict[str, Any]):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(Path(prepared) / entry["image"]) as image:
+        return np.asarray(image.convert("RGB"))  # [H, W, 3] uint8, as upstream's loader converts
+
+
+def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_tokens: int = 20,
+                 constrain_boxes: bool = False, progress: Progress | None = None) -> int:
+    """Answer the entries of `task` that have no saved answer yet, one engine batch at a time; return how many."""
+    path = predictions_path(out, task.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done, broken = read_predictions(path)
+    if broken:
+        _drop_broken_lines(path, done)
+    _check_images(out, task, done)
+    pending = [entry for entry in task.entries if entry["q_id"] not in done]
+    answered = len(task.entries) - len(pending)
+    for begin in range(0, len(pending), engine.batch_size):
+        batch = pending[begin: begin + engine.batch_size]
+        questions = [entry_prompt(task, entry) for entry in batch]
+        results = engine.run_rgb([_load_rgb(prepared, entry) for entry in batch], questions,
+                                 max_new_tokens=max_new_tokens,
+                                 constrain_boxes=constrain_boxes and task.kind == "detection")
+        _append(path, [{"q_id": entry["q_id"], "image": entry["image"], "prompt": question, "answer": result.answer,
+                        "yes_probability": result.yes_probability, "seconds": round(result.inference_ms / 1000, 4)}
+                       for entry, question, result in zip(batch, questions, results)])
+        answered += len(batch)
+        if progress is not None:
+            progress(task.name, answered, len(task.entries))
+    return len(pending)
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+def run_settings(model_id: str, model_description: str, prepared: Path, *, max_new_tokens: int = 20,
+                 constrain_boxes: bool = False, **details: Any) -> dict[str, Any]:
+    """The run.json record. model_id identifies the weights (e.g. the model folder's tensors sha256)."""
+    return {"command": COMMAND_NAME, "model_id": model_id, "model": model_description,
+            "prepared": str(Path(prepared).absolute()), "max_new_tokens": max_new_tokens,
+            "constrain_boxes": constrain_boxes, "prompts": prompts_used(), **details}
+
+
+def read_run(out: Path) -> dict[str, Any] | None:
+    """The run.json of an evaluation folder, or None when there is none."""
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluateError(f"cannot read {path}: {error}. Pass --force to start over.") from error
+
+
+def check_run_folder(out: Path, settings: dict[str, Any], force: bool = False) -> None:
+    """Refuse an `out` that holds predictions of another run (unless `force`) or files of something else."""
+    out = Path(out)
+    previous = read_run(out) if not force else None
+    if previous is not None:
+        changed = [key for key in _SAME_RUN_KEYS if previous.get(key) != settings.get(key)]
+        if changed:
+            raise EvaluateError(f"--out {out} holds predictions of another run (different {', '.join(changed)}: "
+                                f"{previous.get('model')!r} there). Choose another --out, or pass --force to delete "
+                                "them and start over.")
+    elif not force and out.is_dir() and any(out.iterdir()) and not (out / PREDICTIONS_DIR).is_dir():
+        raise EvaluateError(f"--out {out} exists and is not an evaluation folder; choose a new or empty folder.")
+
+
+def start_run(out: Path, settings: dict[str, Any], force: bool = False) -> None:
+    """`check_run_folder`, then (with `force`) delete the earlier predictions and reports, and write run.json."""
+    out = Path(out)
+    check_run_folder(out, settings, force)
+    if force:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(settings, indent=1) + "\n").encode())
+
+
+def _clear(out: Path) -> None:
+    """Delete this command's files in `out` (and nothing else)."""
+    from training.evaluate_report import REPORT_FILES
+
+    for name in (RUN_FILE, *REPORT_FILES):
+        (out / name).unlink(missing_ok=True)
+    for path in (out / PREDICTIONS_DIR).glob("*.jsonl"):
+        path.unlink()
+
+
+def evaluate(engine, prepared: Path, out: Path, settings: dict[str, Any], tasks: Sequence[str] | None = None, *,
+             limit: int | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Answer the test sets of `tasks` with `engine` (resuming), then score and write the reports; return the
+    metrics. settings: `run_settings(...)`; its max_new_tokens / constrain_boxes drive the engine."""
+    task_sets = resolve_tasks(prepared, tasks, limit, check_images=True)
+    start_run(out, settings, force)
+    for task in task_sets:
+        predict_task(engine, prepared, out, task, max_new_tokens=settings["max_new_tokens"],
+                     constrain_boxes=settings["constrain_boxes"], progress=progress)
+    return _score_and_report(out, task_sets, settings)
+
+
+def rescore(out: Path, prepared: Path | None = None, tasks: Sequence[str] | None = None,
+            limit: int | None = None) -> dict[str, Any]:
+    """Score saved predictions again (no model): `prepared` defaults to the one in run.json, `tasks` to every
+    task with a predictions file."""
+    out = Path(out)
+    run = read_run(out) or {}
+    source = prepared or run.get("prepared")
+    if not source:
+        raise EvaluateError(f"{out} does not record its prepared folder; pass --prepared (the folder with tasks/).")
+    prepared = Path(source)
+    if not (prepared / "tasks").is_dir():
+        raise EvaluateError(f"{prepared} has no tasks/ folder; pass --prepared: the output folder of `prepare`.")
+    if not tasks:
+        tasks = sorted(path.stem for path in (out / PREDICTIONS_DIR).glob("*.jsonl"))
+        if not tasks:
+            raise EvaluateError(f"{out / PREDICTIONS_DIR} holds no predictions; run evaluate with --model first.")
+    return _score_and_report(out, resolve_tasks(prepared, tasks, limit), {**run, "prepared": str(prepared)})
+
+
+def _score_and_report(out: Path, task_sets: list[TaskSet], run: dict[str, Any]) -> dict[str, Any]:
+    from training.evaluate_report import write_reports
+    from training.evaluate_scoring import score_all
+
+    predictions = {task.name: checked_predictions(out, task) for task in task_sets}
+    metrics, ious = score_all(task_sets, predictions)
+    metrics = {"run": run, **metrics}
+    write_reports(Path(out), metrics, ious)
+    return metrics
