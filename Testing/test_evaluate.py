@@ -23,8 +23,7 @@ from backend.prompts import TC_EVAL_PROMPT
 from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas.grammar import render_box
 from SlicerMiniGPTPancreas.metrics import evaluate_detection
-from SlicerMiniGPTPancreas.phantom import make_phantom
-from SlicerMiniGPTPancreas.phantom_writers import write_msd
+from small_prepared import prepare_small_msd
 from training.cli import main
 from training.evaluate import EvaluateError, evaluate, run_settings
 from training.evaluate_scoring import roc_auc
@@ -49,13 +48,7 @@ class CountingEngine(InferenceEngine):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """`prepare` output for two small MSD phantoms (one test volume)."""
-    base = tmp_path_factory.mktemp("data")
-    write_msd(base / "msd", [make_phantom(seed, size_mm=(150.0, 120.0, 80.0), spacing=(3.0, 4.0, 5.0))
-                             for seed in (1, 2)])
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["prepare", "--dataset", "msd", "--root", str(base / "msd"), "--out", str(base / "out"),
-                     "--threshold", "0.1", "--test-ratio", "0.5", "--workers", "1", "--quiet"]) == 0
-    return base / "out"
+    return prepare_small_msd(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from backend.image import preprocess_image
 from backend.model_dir import load_model
 from backend.prompts import REFER_TEMPLATES, TC_INSTRUCTION_TEMPLATES, TC_QUESTIONS
 from backend.tiny_upstream import TinySizes, build_tiny_upstream
-from SlicerMiniGPTPancreas.phantom import make_phantom
-from SlicerMiniGPTPancreas.phantom_writers import write_msd
+from small_prepared import prepare_small_msd
 from training.cli import main
 from training.config import FitConfigError, load_config, parse_config
 from training.data import DataError, MultiTaskSampler, TaskDataset, TrainingData, training_example
@@ -39,13 +38,7 @@ def upstream(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """`prepare` output for two small MSD phantoms (one train volume, one test volume)."""
-    base = tmp_path_factory.mktemp("data")
-    write_msd(base / "msd", [make_phantom(seed, size_mm=(150.0, 120.0, 80.0), spacing=(3.0, 4.0, 5.0))
-                             for seed in (1, 2)])
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["prepare", "--dataset", "msd", "--root", str(base / "msd"), "--out", str(base / "out"),
-                     "--threshold", "0.1", "--test-ratio", "0.5", "--workers", "1", "--quiet"]) == 0
-    return base / "out"
+    return prepare_small_msd(tmp_path_factory.mktemp("data"))
 
 
 def settings(upstream, prepared, out, **overrides) -> dict:

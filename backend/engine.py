@@ -167,6 +167,28 @@ class InferenceEngine:
         return self._box_constraint
 
 
+def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequence[str | os.PathLike] | None = None,
+                image_size: int = 448, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                quantization: str | None = None, batch_size: int = 8) -> "InferenceEngine":
+    """An engine from our model folder, or from upstream's (eva_vit_g.pth, LLaMA folder, MiniGPT .pth); the one
+    loader behind `predict`, `serve` and `evaluate`. `device` "auto" picks CUDA when PyTorch sees a GPU."""
+    if (model_dir is None) == (upstream is None):
+        raise EngineError("give exactly one model: a model folder or the three upstream files.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"device {device}: PyTorch sees no CUDA GPU here; use the CPU.")
+    if model_dir is not None:
+        return InferenceEngine.from_model_dir(model_dir, device=device, dtype=dtype, quantization=quantization,
+                                              batch_size=batch_size)
+    from backend.checkpoints import load_upstream
+
+    vit, llama, checkpoint = (Path(path) for path in upstream)
+    model = load_upstream(vit, llama, checkpoint, image_size=image_size, dtype=resolve_dtype(dtype, device),
+                          device=device, quantization=quantization)
+    return InferenceEngine(model, batch_size=batch_size, model_id=checkpoint.stem)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """A dtype by name; None = automatic: float32 on the CPU, bfloat16 on a GPU that supports it, else float16."""
     if dtype is None:

@@ -209,24 +209,10 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 
 def _load_engine(args: argparse.Namespace):
-    import torch
+    from backend.engine import load_engine
 
-    from backend.engine import InferenceEngine, resolve_dtype
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu.")
-    dtype = None if args.dtype == "auto" else args.dtype
-    if args.model is not None:
-        return InferenceEngine.from_model_dir(args.model, device=device, dtype=dtype, batch_size=args.batch_size)
-    from backend.checkpoints import load_upstream
-
-    vit, llama, checkpoint = args.upstream
-    model = load_upstream(vit, llama, checkpoint, image_size=args.image_size, dtype=resolve_dtype(dtype, device),
-                          device=device)
-    return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem)
+    return load_engine(model_dir=args.model, upstream=args.upstream, image_size=args.image_size, device=args.device,
+                       dtype=None if args.dtype == "auto" else args.dtype, batch_size=args.batch_size)
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:

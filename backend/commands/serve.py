@@ -107,29 +107,22 @@ def _device(name: str) -> str:
 
 def _engine_loader(args: argparse.Namespace, device: str):
     """A function that loads the engine (run on the engine thread), after a quick check that the files exist."""
-    from backend.engine import InferenceEngine, resolve_dtype
+    from functools import partial
+
+    from backend.engine import load_engine
 
     if args.model is not None:
         from backend.model_dir import read_manifest
 
         read_manifest(args.model)  # CheckpointError (a ValueError) when it is not a model folder
-        return lambda: InferenceEngine.from_model_dir(args.model, device=device, dtype=args.dtype,
-                                                      quantization=args.quantization, batch_size=args.batch_size)
-    vit, llama, checkpoint = (Path(path) for path in args.upstream)
-    for path, what, exists in ((vit, "EVA ViT file", vit.is_file()), (llama, "LLaMA folder", llama.is_dir()),
-                               (checkpoint, "MiniGPT checkpoint", checkpoint.is_file())):
-        if not exists:
-            raise FileNotFoundError(f"--upstream: the {what} {path} does not exist")
-
-    def load() -> InferenceEngine:
-        from backend.checkpoints import load_upstream
-
-        model = load_upstream(vit, llama, checkpoint, image_size=args.image_size,
-                              dtype=resolve_dtype(args.dtype, device), device=device,
-                              quantization=args.quantization)
-        return InferenceEngine(model, batch_size=args.batch_size, model_id=checkpoint.stem)
-
-    return load
+    else:
+        vit, llama, checkpoint = (Path(path) for path in args.upstream)
+        for path, what, exists in ((vit, "EVA ViT file", vit.is_file()), (llama, "LLaMA folder", llama.is_dir()),
+                                   (checkpoint, "MiniGPT checkpoint", checkpoint.is_file())):
+            if not exists:
+                raise FileNotFoundError(f"--upstream: the {what} {path} does not exist")
+    return partial(load_engine, model_dir=args.model, upstream=args.upstream, image_size=args.image_size,
+                   device=device, dtype=args.dtype, quantization=args.quantization, batch_size=args.batch_size)
 
 
 def _serve(args: argparse.Namespace, sock: socket.socket, load_engine, token: str | None, device: str) -> int:
