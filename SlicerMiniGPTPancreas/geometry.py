@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+# RAS <-> LPS (its own inverse): ITK, DICOM and .mrk.json files speak LPS, this project RAS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
 Box = tuple[float, float, float, float]
 
 # Largest off-axis component allowed in a unit direction cosine (sine of the tilt, about 0.057 degrees).
@@ -146,10 +149,10 @@ def ras_matrix_from_sitk(image: Any) -> np.ndarray:
     if image.GetDimension() != 3:
         raise GeometryError(f"Expected a 3D image, got a {image.GetDimension()}D one.")
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)  # scale columns
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = LPS_TO_RAS @ direction * np.array(image.GetSpacing(), dtype=np.float64)  # scale columns
+    ijk_to_ras[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=np.float64)
+    return ijk_to_ras
 
 
 def volume_from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
+
 __all__ = [
     "ORIENTATIONS", "FOV_CENTRE_RAS", "PhantomError", "Phantom", "make_phantom", "reorient",
     "direction_lps", "Anatomy", "Ellipsoid", "NOMINAL_HU", "LIVER", "KIDNEYS", "SPLEEN", "PANCREAS",
@@ -36,7 +38,6 @@ _VOXELS_PER_CHUNK = 2_000_000  # bounds the float temporaries of one rendering p
 
 # Letter -> (patient axis 0=x/L-R 1=y/P-A 2=z/S-I, sign in LPS)
 _LETTER_LPS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 # AbdomenCT-1K organ ids, MSD Task07 label values, and the values of `Phantom.kidney_sides`.
@@ -243,7 +244,7 @@ class Phantom:
 
 def _ijk_to_ras(orientation: str, spacing: np.ndarray, origin_ras: np.ndarray) -> np.ndarray:
     matrix = np.eye(4)
-    matrix[:3, :3] = _LPS_TO_RAS @ direction_lps(orientation) * spacing  # scales column a by spacing[a]
+    matrix[:3, :3] = LPS_TO_RAS @ direction_lps(orientation) * spacing  # scales column a by spacing[a]
     matrix[:3, 3] = origin_ras
     return matrix
 
@@ -275,7 +276,7 @@ def make_phantom(seed: int = 0, *, size_mm=(288.0, 288.0, 200.0), spacing=(3.0, 
         raise PhantomError(f"noise_hu must be a finite value >= 0, got {noise_hu!r}")
     patient_axis = [_LETTER_LPS[letter][0] for letter in orientation]
     counts = np.maximum(1, np.rint(size[patient_axis] / spacing_ijk)).astype(int)  # (I, J, K)
-    direction_ras = _LPS_TO_RAS @ direction_lps(orientation)
+    direction_ras = LPS_TO_RAS @ direction_lps(orientation)
     if origin is None:
         origin_ras = np.asarray(FOV_CENTRE_RAS) - direction_ras @ (spacing_ijk * (counts - 1) / 2.0)
     else:

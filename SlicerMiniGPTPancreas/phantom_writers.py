@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 from SlicerMiniGPTPancreas.phantom import Phantom, direction_lps, reorient
 
 __all__ = [
@@ -60,7 +61,7 @@ def to_sitk_image(phantom: Phantom, array: np.ndarray | None = None):
     sitk = _sitk()
     image = sitk.GetImageFromArray(phantom.hu if array is None else array)
     image.SetSpacing(phantom.spacing)
-    image.SetOrigin(tuple(float(v) for v in phantom.origin_ras * [-1.0, -1.0, 1.0]))  # RAS -> LPS
+    image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ phantom.origin_ras))  # RAS -> LPS
     image.SetDirection(tuple(direction_lps(phantom.orientation).ravel()))
     return image
 

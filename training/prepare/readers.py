@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 from training.prepare.discovery import VolumeSource, walk_visible
 from training.prepare.files import VolumeError
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _GAP_TOLERANCE = 0.1  # fraction of the slice step a position may deviate by
 
 
@@ -131,10 +131,10 @@ def read_dicom_series(case_dir: Path) -> Volume:
     ijk_to_ras = np.eye(4)
     row_spacing, column_spacing = headers[0].pixel_spacing
     # +i runs along a row (the row cosine), +j down a column; +k from the first to the last position.
-    ijk_to_ras[:3, 0] = _LPS_TO_RAS @ headers[0].orientation[:3] * column_spacing
-    ijk_to_ras[:3, 1] = _LPS_TO_RAS @ headers[0].orientation[3:] * row_spacing
-    ijk_to_ras[:3, 2] = _LPS_TO_RAS @ step
-    ijk_to_ras[:3, 3] = _LPS_TO_RAS @ headers[0].position
+    ijk_to_ras[:3, 0] = LPS_TO_RAS @ headers[0].orientation[:3] * column_spacing
+    ijk_to_ras[:3, 1] = LPS_TO_RAS @ headers[0].orientation[3:] * row_spacing
+    ijk_to_ras[:3, 2] = LPS_TO_RAS @ step
+    ijk_to_ras[:3, 3] = LPS_TO_RAS @ headers[0].position
     return Volume(array=compact_hu(array), ijk_to_ras=ijk_to_ras, path=str(case_dir), slice_files=files)
 
 
