@@ -1,9 +1,11 @@
 """Synthetic abdominal CT phantoms (numpy only).
 
-A phantom is a patient built from analytic shapes in physical space (RAS millimetres) and then sampled at the
-centre of every voxel of a grid. The grid can be stored in any axis-aligned orientation, with anisotropic
-spacing and any origin; because the anatomy lives in physical space, the same seed gives the same patient
-(same organs at the same millimetres) whatever the grid.
+A phantom is a patient built from analytic shapes in physical space (RAS millimetres, drawn from the seed by
+`phantom_anatomy`) and then sampled at the centre of every voxel of a grid. The grid can be stored in any
+axis-aligned orientation, with anisotropic spacing and any origin; because the anatomy lives in physical space,
+the same seed gives the same patient (same organs at the same millimetres) whatever the grid.
+`sample_scan_parameters(seed)` draws a realistic, varied grid for a seed (matrix, field of view, slice
+thickness, z range, orientation, noise): `make_phantom(seed, **sample_scan_parameters(seed))`.
 
 Orientation codes name, for the storage axes +i, +j, +k in that order, the patient direction each axis points
 TOWARD (the DICOM/LPS and nibabel "axcodes" convention; ITK's SpatialOrientation names are the opposite):
@@ -22,11 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
+# The label values name the contents of Phantom's label maps, so they are part of this module's interface.
+from SlicerMiniGPTPancreas.phantom_anatomy import (  # noqa: F401
+    KIDNEY_LEFT, KIDNEY_RIGHT, KIDNEYS, LIVER, MSD_PANCREAS, MSD_TUMOUR, PANCREAS, SPLEEN, Anatomy, draw_anatomy,
+    render_anatomy,
+)
 
 __all__ = [
-    "ORIENTATIONS", "FOV_CENTRE_RAS", "PhantomError", "Phantom", "make_phantom", "reorient",
-    "direction_lps", "Anatomy", "Ellipsoid", "NOMINAL_HU", "LIVER", "KIDNEYS", "SPLEEN", "PANCREAS",
-    "MSD_PANCREAS", "MSD_TUMOUR", "KIDNEY_RIGHT", "KIDNEY_LEFT",
+    "ORIENTATIONS", "FOV_CENTRE_RAS", "PhantomError", "Phantom", "make_phantom", "reorient", "direction_lps",
+    "sample_scan_parameters", "sample_noise_hu", "MAX_SCAN_VOXELS", "LIVER", "KIDNEYS", "SPLEEN", "PANCREAS", "MSD_PANCREAS",
+    "MSD_TUMOUR", "KIDNEY_RIGHT", "KIDNEY_LEFT",
 ]
 
 ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "ASL", "LSP")
@@ -35,154 +42,12 @@ ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "ASL", "LSP")
 FOV_CENTRE_RAS = (0.0, 20.0, -180.0)
 HU_RANGE = (-1024, 3071)  # the 12-bit CT range; noisy air is clipped at the floor like a real scanner's
 _VOXELS_PER_CHUNK = 2_000_000  # bounds the float temporaries of one rendering pass
+MAX_SCAN_VOXELS = 512 * 512 * 60  # `sample_scan_parameters` keeps volumes this small, so they render in seconds
+_MAX_FOV_MM = 500.0  # widest reconstruction field of view of clinical scanners
+_Z_MARGIN_MM = 15.0  # tissue kept above and below the pancreas in a sampled scan
 
 # Letter -> (patient axis 0=x/L-R 1=y/P-A 2=z/S-I, sign in LPS)
 _LETTER_LPS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-
-
-# AbdomenCT-1K organ ids, MSD Task07 label values, and the values of `Phantom.kidney_sides`.
-LIVER, KIDNEYS, SPLEEN, PANCREAS = 1, 2, 3, 4
-MSD_PANCREAS, MSD_TUMOUR = 1, 2
-KIDNEY_RIGHT, KIDNEY_LEFT = 1, 2
-NOMINAL_HU = {
-    "air": -1000.0, "subcutaneous_fat": -100.0, "muscle": 50.0, "visceral_fat": -90.0, "bone": 700.0,
-    "liver": 60.0, "spleen": 50.0, "kidney_cortex": 150.0, "kidney_medulla": 40.0, "aorta": 200.0,
-    "ivc": 130.0, "duodenum": 25.0, "pancreas": 100.0, "tumour": 30.0,
-}
-_PANCREAS_SAMPLES = 24  # ellipsoids along the head -> body -> tail curve
-
-
-@dataclass(frozen=True)
-class Ellipsoid:
-    """Axis-aligned ellipsoid in RAS mm; an infinite z semi-axis makes a vertical elliptic cylinder."""
-
-    centre: tuple[float, float, float]
-    semi: tuple[float, float, float]
-
-    def contains(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Boolean mask of the points (broadcast x, y, z in RAS mm) inside the ellipsoid."""
-        (cx, cy, cz), (a, b, c) = self.centre, self.semi
-        return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    """The drawn patient: shapes in RAS mm and the tissue HU (before noise)."""
-
-    body: Ellipsoid     # skin surface
-    muscle: Ellipsoid   # outer surface of the abdominal wall muscle (inside the subcutaneous fat)
-    cavity: Ellipsoid   # inner surface of the wall: organs are clipped to it
-    vertebra: Ellipsoid
-    spinous: Ellipsoid
-    liver: Ellipsoid
-    spleen: Ellipsoid
-    kidneys: dict[int, tuple[Ellipsoid, Ellipsoid]]  # KIDNEY_RIGHT / KIDNEY_LEFT -> (cortex surface, medulla)
-    aorta: Ellipsoid
-    ivc: Ellipsoid
-    duodenum: Ellipsoid
-    pancreas: tuple[Ellipsoid, ...]  # Ellipsoids from head (patient right) through body to tail (toward the spleen)
-    tumour: Ellipsoid   # clipped to the pancreas when rendered
-    hu: dict[str, float]  # tissue name -> HU, NOMINAL_HU jittered by up to 5
-
-
-def draw_anatomy(seed: int, centre_ras: np.ndarray) -> Anatomy:
-    """Draw organ sizes and positions from `seed`; the result does not depend on the voxel grid."""
-    rng = np.random.default_rng(seed)
-
-    def jit(scale: float) -> float:
-        return float(rng.uniform(-scale, scale))
-
-    px, py, pz = np.asarray(centre_ras, float) + [jit(8.0), jit(8.0), jit(10.0)]  # patient on the table
-
-    def at(dx: float, dy: float, dz: float) -> tuple[float, float, float]:
-        return (px + dx, py + dy, pz + dz)  # RAS: +dx = patient right, +dy = anterior, +dz = superior
-
-    def semi(a: float, b: float, c: float, scale: float = 0.1) -> tuple[float, float, float]:
-        factor = 1.0 + jit(scale)
-        return (a * factor, b * factor, c * factor)
-
-    half_width, half_depth = 130.0 + jit(6.0), 100.0 + jit(6.0)
-    fat, wall = 14.0 + jit(4.0), 12.0 + jit(2.0)
-    ai, bi = half_width - fat - wall, half_depth - fat - wall  # cavity half-width and half-depth
-    inf = np.inf
-    kidneys = {}
-    for side, sign, dz in ((KIDNEY_RIGHT, 1.0, -10.0), (KIDNEY_LEFT, -1.0, 0.0)):
-        centre = at(sign * 0.5 * ai + jit(4.0), -0.45 * bi + jit(4.0), dz + jit(5.0))
-        cortex = semi(22.0, 17.0, 45.0)
-        kidneys[side] = (Ellipsoid(centre, cortex), Ellipsoid(centre, (cortex[0] - 8, cortex[1] - 7, cortex[2] - 12)))
-    head = np.array(at(30.0 + jit(5.0), 0.0 + jit(4.0), -10.0 + jit(4.0)))
-    body = np.array(at(jit(4.0), 12.0 + jit(4.0), -2.0 + jit(3.0)))
-    tail = np.array(at(-0.56 * ai + jit(5.0), -8.0 + jit(4.0), 8.0 + jit(4.0)))
-    radii = np.array([16.0, 10.0, 8.0]) * (1.0 + jit(0.1))  # head, body, tail
-    control = 2.0 * body - (head + tail) / 2.0  # so the quadratic Bezier passes through `body` at t = 0.5
-    t = np.linspace(0.0, 1.0, _PANCREAS_SAMPLES)[:, None]
-    curve = (1 - t) ** 2 * head + 2 * t * (1 - t) * control + t ** 2 * tail  # [N, 3]
-    radius = np.interp(t[:, 0], [0.0, 0.5, 1.0], radii)                    # [N]
-    pancreas = tuple(Ellipsoid(tuple(c), (r, r, 0.8 * r)) for c, r in zip(curve, radius))
-    t_tumour = rng.uniform(0.1, 0.55)  # head or body, where MSD masses mostly are
-    r_local = float(np.interp(t_tumour, [0.0, 0.5, 1.0], radii))
-    tumour_centre = ((1 - t_tumour) ** 2 * head + 2 * t_tumour * (1 - t_tumour) * control + t_tumour ** 2 * tail
-                     + rng.uniform(-0.2, 0.2, 3) * r_local)
-    tumour_radius = rng.uniform(0.45, 0.6) * r_local
-    hu = {name: value + (jit(5.0) if name != "air" else 0.0) for name, value in NOMINAL_HU.items()}
-    return Anatomy(
-        body=Ellipsoid(at(0, 0, 0), (half_width, half_depth, inf)),
-        muscle=Ellipsoid(at(0, 0, 0), (half_width - fat, half_depth - fat, inf)),
-        cavity=Ellipsoid(at(0, 0, 0), (ai, bi, inf)),
-        vertebra=Ellipsoid(at(0, -bi + 22.0, 0), (16.0, 15.0, inf)),
-        spinous=Ellipsoid(at(0, -bi - 4.0, 0), (9.0, 16.0, inf)),
-        # Liver and spleen reach down to the pancreas level, as on real CT (the right lobe lies lateral to it).
-        liver=Ellipsoid(at(0.7 * ai + jit(4.0), 0.1 * bi + jit(5.0), 30.0 + jit(8.0)),
-                        semi(0.3 * ai, 0.75 * bi, 60.0)),
-        spleen=Ellipsoid(at(-0.68 * ai + jit(4.0), -0.35 * bi + jit(4.0), 20.0 + jit(6.0)),
-                         semi(0.2 * ai, 0.35 * bi, 45.0)),
-        kidneys=kidneys,
-        aorta=Ellipsoid(at(-13.0 + jit(3.0), -bi + 48.0 + jit(2.0), 0), (11.0, 11.0, inf)),
-        ivc=Ellipsoid(at(22.0 + jit(3.0), -bi + 48.0 + jit(2.0), 0), (12.0, 9.0, inf)),
-        duodenum=Ellipsoid(tuple(head + [radii[0] + 10.0, 0.0, -5.0]), (9.0, 10.0, 35.0)),
-        pancreas=pancreas,
-        tumour=Ellipsoid(tuple(tumour_centre), (tumour_radius,) * 3),
-        hu=hu,
-    )
-
-
-def render_anatomy(anatomy: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray, tumour: bool = True):
-    """Paint the anatomy at points (x, y, z broadcastable RAS mm arrays); later structures win.
-
-    Returns (hu float32, labels, organs, kidney_sides uint8), each of the broadcast shape.
-    """
-    shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-    hu = np.full(shape, anatomy.hu["air"], np.float32)
-    labels, organs, sides = (np.zeros(shape, np.uint8) for _ in range(3))
-
-    def inside(shape_: Ellipsoid) -> np.ndarray:
-        return np.broadcast_to(shape_.contains(x, y, z), shape)
-
-    def paint(mask: np.ndarray, tissue: str, organ: int = 0, side: int = 0, label: int = 0) -> None:
-        hu[mask], organs[mask], sides[mask], labels[mask] = anatomy.hu[tissue], organ, side, label
-
-    paint(inside(anatomy.body), "subcutaneous_fat")
-    paint(inside(anatomy.muscle), "muscle")
-    cavity = inside(anatomy.cavity)
-    paint(cavity, "visceral_fat")
-    paint(inside(anatomy.vertebra) | inside(anatomy.spinous), "bone")
-    paint(cavity & inside(anatomy.liver), "liver", LIVER)
-    paint(cavity & inside(anatomy.spleen), "spleen", SPLEEN)
-    for side, (cortex, medulla) in anatomy.kidneys.items():
-        paint(cavity & inside(cortex), "kidney_cortex", KIDNEYS, side)
-        paint(cavity & inside(medulla), "kidney_medulla", KIDNEYS, side)
-    paint(inside(anatomy.aorta), "aorta")
-    paint(inside(anatomy.ivc), "ivc")
-    paint(cavity & inside(anatomy.duodenum), "duodenum")
-    pancreas = np.zeros(shape, bool)
-    for part in anatomy.pancreas:
-        pancreas |= part.contains(x, y, z)
-    pancreas &= cavity
-    paint(pancreas, "pancreas", PANCREAS, label=MSD_PANCREAS)
-    if tumour:
-        paint(pancreas & inside(anatomy.tumour), "tumour", PANCREAS, label=MSD_TUMOUR)
-    return hu, labels, organs, sides
-
 
 
 class PhantomError(ValueError):
@@ -249,6 +114,12 @@ def _ijk_to_ras(orientation: str, spacing: np.ndarray, origin_ras: np.ndarray) -
     return matrix
 
 
+def _check_seed(seed) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise PhantomError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 def _positive_triple(name: str, value) -> np.ndarray:
     array = np.asarray(value, dtype=float)
     if array.shape != (3,) or not np.all(np.isfinite(array)) or np.any(array <= 0):
@@ -267,31 +138,94 @@ def make_phantom(seed: int = 0, *, size_mm=(288.0, 288.0, 200.0), spacing=(3.0, 
     tumour: add a hypo-attenuating mass inside the pancreas (MSD label 2). The anatomy does not depend on it.
     noise_hu: standard deviation of the Gaussian noise (0 gives noise-free HU).
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise PhantomError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = _check_seed(seed)
     orientation = _check_orientation(orientation)
     size = _positive_triple("size_mm", size_mm)
     spacing_ijk = _positive_triple("spacing", spacing)
     if not np.isfinite(noise_hu) or noise_hu < 0:
         raise PhantomError(f"noise_hu must be a finite value >= 0, got {noise_hu!r}")
-    patient_axis = [_LETTER_LPS[letter][0] for letter in orientation]
-    counts = np.maximum(1, np.rint(size[patient_axis] / spacing_ijk)).astype(int)  # (I, J, K)
-    direction_ras = LPS_TO_RAS @ direction_lps(orientation)
+    counts = _grid_counts(orientation, size, spacing_ijk)
     if origin is None:
-        origin_ras = np.asarray(FOV_CENTRE_RAS) - direction_ras @ (spacing_ijk * (counts - 1) / 2.0)
+        origin_ras = _centred_origin(orientation, spacing_ijk, counts, FOV_CENTRE_RAS)
     else:
         origin_ras = np.asarray(origin, dtype=float)
         if origin_ras.shape != (3,) or not np.all(np.isfinite(origin_ras)):
             raise PhantomError(f"origin must be three finite RAS millimetre values, got {origin!r}")
     ijk_to_ras = _ijk_to_ras(orientation, spacing_ijk, origin_ras)
 
-    anatomy = draw_anatomy(int(seed), np.asarray(FOV_CENTRE_RAS))
+    anatomy = draw_anatomy(seed, np.asarray(FOV_CENTRE_RAS))
     hu, labels, organs, sides = _render(anatomy, ijk_to_ras, counts, tumour)
     if noise_hu > 0:
-        noise_rng = np.random.default_rng((int(seed), 1))  # its own stream: anatomy draws never depend on it
+        noise_rng = np.random.default_rng((seed, 1))  # its own stream: anatomy draws never depend on it
         hu += noise_rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
     hu_int16 = np.clip(np.rint(hu), *HU_RANGE).astype(np.int16)
-    return Phantom(hu_int16, labels, organs, sides, ijk_to_ras, orientation, int(seed), anatomy, bool(tumour))
+    return Phantom(hu_int16, labels, organs, sides, ijk_to_ras, orientation, seed, anatomy, bool(tumour))
+
+
+def _grid_counts(orientation: str, size_mm: np.ndarray, spacing_ijk: np.ndarray) -> np.ndarray:
+    """Voxels along (i, j, k): the patient-axis field of view over the storage-axis spacing."""
+    patient_axis = [_LETTER_LPS[letter][0] for letter in orientation]
+    return np.maximum(1, np.rint(size_mm[patient_axis] / spacing_ijk)).astype(int)
+
+
+def _centred_origin(orientation: str, spacing_ijk: np.ndarray, counts: np.ndarray, centre_ras) -> np.ndarray:
+    """RAS mm of voxel (0, 0, 0) for a grid whose middle lies on `centre_ras`."""
+    direction_ras = LPS_TO_RAS @ direction_lps(orientation)
+    return np.asarray(centre_ras, float) - direction_ras @ (spacing_ijk * (counts - 1) / 2.0)
+
+
+def sample_noise_hu(seed: int) -> float:
+    """Noise standard deviation (HU) of a realistic scan of patient `seed`: 5 (thick, high-dose) to 25 HU."""
+    return float(np.random.default_rng((_check_seed(seed), 3)).uniform(5.0, 25.0))
+
+
+def sample_scan_parameters(seed: int) -> dict:
+    """Draw a realistic, varied scan of patient `seed`, as keyword arguments of `make_phantom`.
+
+    Use as `make_phantom(seed, **sample_scan_parameters(seed))`; the same seed always gives the same scan.
+    The returned dict has `size_mm` (LR, AP, SI field of view), `spacing` (along the storage axes i, j, k of
+    `orientation`), `orientation`, `origin` and `noise_hu`:
+    - in-plane matrix of 160-512 columns with square pixels; 60 % of scans have as many rows, the others fewer
+      (at least 160, and enough for the body's depth);
+    - field of view such that the body fills 50-90 % of the frame width (at most 500 mm, as on scanners),
+      centred on FOV_CENTRE_RAS unless that would cut the body: the frame then moves just enough to hold it;
+    - slice thickness 1.5-5 mm, thicker where needed to stay under MAX_SCAN_VOXELS; z extent 120-220 mm
+      holding the whole pancreas with at least 15 mm to spare on either side;
+    - orientation drawn uniformly from ORIENTATIONS; noise from `sample_noise_hu`.
+    """
+    seed = _check_seed(seed)
+    rng = np.random.default_rng((seed, 2))  # its own stream: the patient's draws never depend on the scan's
+    anatomy = draw_anatomy(seed, np.asarray(FOV_CENTRE_RAS))
+    body_half = np.array(anatomy.body.semi[:2])  # LR, AP half-axes of the skin
+    columns = int(rng.integers(160, 513))
+    fill = rng.uniform(max(0.5, 2.0 * body_half[0] / _MAX_FOV_MM), 0.9)
+    pixel = 2.0 * body_half[0] / fill / columns
+    min_rows = max(160, int(np.ceil(2.0 * body_half[1] / pixel)) + 4)  # 2 px of air in front and behind
+    square = rng.random() < 0.6 or min_rows >= columns
+    rows = columns if square else int(rng.integers(min_rows, columns + 1))
+    thickness, slices, z_centre = _draw_slices(rng, anatomy, columns * rows)
+    fov = np.array([columns * pixel, rows * pixel, slices * thickness])
+    slack = np.maximum(0.0, fov[:2] / 2.0 - body_half - 2.0 * pixel)  # how far the frame may sit off the body
+    body_centre = np.array(anatomy.body.centre[:2])
+    centre = [*np.clip(FOV_CENTRE_RAS[:2], body_centre - slack, body_centre + slack), z_centre]
+    orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    # In-plane pixel along the LR and AP patient axes, slice thickness along SI, whichever storage axis that is.
+    spacing = np.array([(pixel, pixel, thickness)[_LETTER_LPS[letter][0]] for letter in orientation])
+    origin = _centred_origin(orientation, spacing, _grid_counts(orientation, fov, spacing), centre)
+    return dict(size_mm=tuple(float(v) for v in fov), spacing=tuple(float(v) for v in spacing),
+                orientation=orientation, origin=tuple(float(v) for v in origin), noise_hu=sample_noise_hu(seed))
+
+
+def _draw_slices(rng: np.random.Generator, anatomy: Anatomy, pixels_per_slice: int) -> tuple[float, int, float]:
+    """Slice thickness, slice count and z centre (RAS mm) of a stack that holds the whole pancreas."""
+    low = min(part.centre[2] - part.semi[2] for part in anatomy.pancreas) - _Z_MARGIN_MM
+    high = max(part.centre[2] + part.semi[2] for part in anatomy.pancreas) + _Z_MARGIN_MM
+    extent = max(rng.uniform(120.0, 220.0), high - low)
+    thickness = rng.uniform(1.5, 5.0)
+    thickness = min(5.0, max(thickness, extent / (MAX_SCAN_VOXELS // pixels_per_slice)))
+    slices = int(np.ceil(extent / thickness - 1e-9))
+    extent = slices * thickness
+    return thickness, slices, rng.uniform(high - extent / 2.0, low + extent / 2.0)
 
 
 def _render(anatomy: Anatomy, ijk_to_ras: np.ndarray, counts: np.ndarray, tumour: bool):

@@ -142,6 +142,7 @@ class ModelInfo(Schema):
     max_new_tokens_limit: int
     max_upload_bytes: int
     example_prompts: tuple[str, ...] = ()
+    synthetic: bool = False  # a demonstration model trained on synthetic CT only; optional: older servers omit it
 
     def __post_init__(self) -> None:
         for name in ("model_id", "server_version", "device", "precision"):
@@ -153,6 +154,7 @@ class ModelInfo(Schema):
         self._set("example_prompts", check_list, 100)
         for index, prompt in enumerate(self.example_prompts):
             check_str(prompt, f"ModelInfo.example_prompts[{index}]", MAX_PROMPT_CHARS)
+        self._set("synthetic", check_bool)
 
 
 @dataclass(frozen=True)

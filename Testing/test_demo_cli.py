@@ -54,7 +54,15 @@ def test_demo_writes_every_promised_output(demo_runs):
 
 def test_file_orientation_does_not_change_the_boxes_in_patient_space(demo_runs):
     lps, ras = _read_rows(demo_runs["LPS"]), _read_rows(demo_runs["RAS"])
-    assert lps == ras
+    assert len(lps) == len(ras) > 0
+    millimetres = [f"{kind}_{axis}" for kind in ("center", "size") for axis in "ras"]
+    for row_lps, row_ras in zip(lps, ras):
+        # Same slices, answers and pixels. The millimetres, printed to 0.01, may differ by one unit in the last
+        # digit where a value lies on a rounding boundary: the two storages reach it by different float sums.
+        pixels = [{k: v for k, v in row.items() if k not in millimetres} for row in (row_lps, row_ras)]
+        assert pixels[0] == pixels[1]
+        np.testing.assert_allclose([float(row_lps[k]) for k in millimetres], [float(row_ras[k]) for k in millimetres],
+                                   rtol=0, atol=0.0101)
 
 
 def test_ras_boxes_match_the_phantom_pancreas_computed_independently(demo_runs):

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from SlicerMiniGPTPancreas.phantom import (
-    FOV_CENTRE_RAS, KIDNEY_LEFT, KIDNEY_RIGHT, NOMINAL_HU, ORIENTATIONS, PhantomError, make_phantom, reorient,
+    FOV_CENTRE_RAS, KIDNEY_LEFT, KIDNEY_RIGHT, MAX_SCAN_VOXELS, ORIENTATIONS, PhantomError, make_phantom, reorient,
+    sample_noise_hu, sample_scan_parameters,
+)
+from SlicerMiniGPTPancreas.phantom_anatomy import (
+    PANCREAS_LENGTH_MM, PANCREAS_RADII_MM, TISSUE_HU, TUMOUR_CONTRAST_HU, draw_anatomy,
 )
 
 SMALL = dict(size_mm=(192.0, 192.0, 60.0), spacing=(4.0, 4.0, 6.0))  # 48 x 48 x 10: quick to write as files
@@ -108,7 +112,7 @@ def test_organs_sit_on_the_correct_side(seed):
     assert abs(centres["pancreas"][2] - (centres["kidney_left"][2] + centres["kidney_right"][2]) / 2) < 25
 
 
-def test_tissue_hu_is_near_nominal_and_noise_is_gaussian():
+def test_tissue_hu_is_the_patients_drawn_hu_and_noise_is_gaussian():
     noisy, clean = make_phantom(4), make_phantom(4, noise_hu=0)
     masks = organ_masks(noisy)
     pancreas_only = masks["pancreas"] & ~masks["tumour"]
@@ -120,8 +124,11 @@ def test_tissue_hu_is_near_nominal_and_noise_is_gaussian():
                 "tumour": masks["tumour"], "kidney_cortex": kidney & ~medulla, "kidney_medulla": kidney & medulla,
                 "bone": anatomy_mask(noisy, noisy.anatomy.vertebra), "aorta": anatomy_mask(noisy, noisy.anatomy.aorta)}
     for tissue, mask in expected.items():
+        drawn = noisy.anatomy.hu[tissue]
         assert mask.sum() > 10, tissue
-        assert abs(noisy.hu[mask].mean() - NOMINAL_HU[tissue]) < 10, tissue
+        assert TISSUE_HU[tissue][0] <= drawn <= TISSUE_HU[tissue][1], tissue
+        assert np.median(clean.hu[mask]) == np.rint(drawn), tissue
+        assert abs(noisy.hu[mask].mean() - drawn) < 10, tissue
     outside = ~anatomy_mask(noisy, noisy.anatomy.body)
     assert abs(np.median(noisy.hu[outside]) - (-1000)) <= 2
     noise = (noisy.hu.astype(float) - clean.hu)[~outside]
@@ -135,7 +142,8 @@ def test_tumour_is_a_dark_mass_inside_the_pancreas():
     assert tumour.sum() >= 5 and not (without.labels == 2).any()
     assert np.all(with_tumour.organs[tumour] == 4)  # AbdomenCT-1K pancreas includes the mass
     np.testing.assert_array_equal(with_tumour.labels > 0, without.labels == 1)  # same pancreas either way
-    assert with_tumour.hu[tumour].mean() < with_tumour.hu[with_tumour.labels == 1].mean() - 50
+    # Hypo-attenuating by at least TUMOUR_CONTRAST_HU (+1 for rounding both to integer HU).
+    assert with_tumour.hu[tumour].mean() <= with_tumour.hu[with_tumour.labels == 1].mean() - TUMOUR_CONTRAST_HU + 1
     np.testing.assert_array_equal(with_tumour.organs, without.organs)
 
 
@@ -181,6 +189,205 @@ def test_different_seeds_give_different_patients():
     assert max(moved) > 3.0
     assert not np.array_equal(first.labels, second.labels)
     np.testing.assert_array_equal(make_phantom(1).hu, make_phantom(1).hu)  # but each seed is reproducible
+
+
+# ---------------------------------------------------------------- variability: patients and scans differ as real CT does
+
+SEEDS = range(40)
+PATIENTS = [draw_anatomy(seed, np.asarray(FOV_CENTRE_RAS)) for seed in range(200)]  # shapes only: cheap
+SCANS = [sample_scan_parameters(seed) for seed in SEEDS]
+
+
+def spread(values) -> tuple[float, float]:
+    return float(np.min(values)), float(np.max(values))
+
+
+def segment_gap(loop, part) -> float:
+    """mm between the surface of a bowel loop (capsule) and a pancreas sample taken as a sphere of its radius."""
+    start, end, centre = np.array(loop.start), np.array(loop.end), np.array(part.centre)
+    span = end - start
+    t = np.clip((centre - start) @ span / max(span @ span, 1e-12), 0.0, 1.0)
+    return float(np.linalg.norm(centre - start - t * span) - loop.radius - part.semi[0])
+
+
+def test_body_size_position_and_fat_vary_between_patients():
+    half_width = [p.body.semi[0] for p in PATIENTS]
+    half_depth = [p.body.semi[1] for p in PATIENTS]
+    fat = [p.body.semi[0] - p.muscle.semi[0] for p in PATIENTS]
+    shift = np.array([np.subtract(p.body.centre, FOV_CENTRE_RAS)[:2] for p in PATIENTS])
+    low, high = spread(half_width)
+    assert 110 <= low < 118 and 168 < high <= 175
+    low, high = spread(half_depth)
+    assert 80 <= low < 88 and 130 < high <= 140
+    assert all(depth < width for depth, width in zip(half_depth, half_width))  # wider than deep
+    low, high = spread(fat)
+    assert 5 <= low < 8 and 30 < high <= 35
+    assert np.all(np.abs(shift) <= [25, 20]) and np.all(shift.min(0) < [-20, -15]) and np.all(shift.max(0) > [20, 15])
+
+
+def test_organ_sizes_and_positions_vary_between_patients():
+    for organ in ("liver", "spleen"):
+        relative = [getattr(p, organ).semi[2] for p in PATIENTS] / np.mean([getattr(p, organ).semi[2] for p in PATIENTS])
+        low, high = spread(relative)
+        assert low < 0.8 and high > 1.2, organ  # +-25 % in size
+        # Position relative to the body centre, in mm: moved by up to 10-15 mm beyond what the cavity explains.
+        offset = [np.subtract(getattr(p, organ).centre, p.body.centre)[2] for p in PATIENTS]
+        assert np.ptp(offset) > 18, organ
+    kidney_depth = [p.kidneys[KIDNEY_LEFT][0].semi[2] for p in PATIENTS]
+    assert spread(kidney_depth)[0] < 0.8 * 45 and spread(kidney_depth)[1] > 1.2 * 45
+
+
+def test_pancreas_length_thickness_tilt_curvature_and_turn_vary():
+    head = np.array([p.pancreas[0].centre for p in PATIENTS])
+    tail = np.array([p.pancreas[-1].centre for p in PATIENTS])
+    middle = np.array([p.pancreas[len(p.pancreas) // 2].centre for p in PATIENTS])
+    length = np.linalg.norm(tail - head, axis=1) / PANCREAS_LENGTH_MM
+    thickness = np.array([p.pancreas[0].semi[0] for p in PATIENTS]) / PANCREAS_RADII_MM[0]
+    rise = tail[:, 2] - head[:, 2]
+    turn = np.degrees(np.arctan2(head[:, 1] - tail[:, 1], head[:, 0] - tail[:, 0]))  # 0 = tail straight left
+    arch = middle[:, 1] - (head[:, 1] + tail[:, 1]) / 2  # how far the body bows anteriorly off the chord
+    low, high = spread(length)
+    assert low < 0.78 and high > 1.2
+    low, high = spread(thickness)
+    assert 0.7 <= low < 0.75 and 1.35 < high <= 1.4
+    low, high = spread(rise)
+    assert 0 <= low < 3 and high > 30  # the tail always lies higher than the head
+    assert np.ptp(turn) > 30 and np.ptp(arch) > 20
+    assert np.all(tail[:, 0] < head[:, 0])  # the tail always points to the patient's left
+
+
+def test_tumour_size_position_and_contrast_vary_but_it_stays_dark():
+    radius_ratio, offset_ratio = [], []
+    for p in PATIENTS:
+        centres = np.array([part.centre for part in p.pancreas])
+        nearest = int(np.argmin(np.linalg.norm(centres - p.tumour.centre, axis=1)))
+        local = p.pancreas[nearest].semi[0]
+        radius_ratio.append(p.tumour.semi[0] / local)
+        offset_ratio.append(np.linalg.norm(np.subtract(p.tumour.centre, centres[nearest])) / local)
+        assert TISSUE_HU["tumour"][0] <= p.hu["tumour"] <= p.hu["pancreas"] - TUMOUR_CONTRAST_HU
+    assert spread(radius_ratio)[0] < 0.45 and spread(radius_ratio)[1] > 0.7
+    assert np.mean(np.array(offset_ratio) > 0.35) > 0.1  # some masses are exophytic
+    assert max(offset_ratio) < 0.65  # but every one starts within the gland
+    for tissue in ("pancreas", "liver", "spleen", "kidney_cortex", "tumour"):
+        drawn = [p.hu[tissue] for p in PATIENTS]
+        low, high = TISSUE_HU[tissue]
+        assert spread(drawn)[0] < low + 0.2 * (high - low) and spread(drawn)[1] > high - 0.2 * (high - low), tissue
+
+
+def test_bowel_loops_lie_beside_the_pancreas_without_covering_it():
+    for p in PATIENTS:
+        assert 3 <= len(p.bowel) <= 8
+        gaps = [min(segment_gap(loop.wall, part) for part in p.pancreas) for loop in p.bowel]
+        assert min(gaps) >= 0.9 and min(gaps) < 10  # clear of the gland, yet beside it
+        assert all(TISSUE_HU["duodenum"][0] <= loop.hu <= TISSUE_HU["duodenum"][1] for loop in p.bowel)
+    assert 0.2 < np.mean([loop.gas is not None for p in PATIENTS for loop in p.bowel]) < 0.6
+
+
+@pytest.mark.parametrize("seed", [0, 6])
+def test_rendered_bowel_is_unlabelled_and_touches_no_pancreas_voxel(seed):
+    phantom = make_phantom(seed, noise_hu=0)
+    anatomy = phantom.anatomy
+    k, j, i = np.indices(phantom.shape)
+    x, y, z = phantom.ijk_to_ras_points(np.stack([i, j, k], -1).reshape(-1, 3)).T  # every voxel centre, once
+
+    def union(shapes) -> np.ndarray:
+        inside = np.zeros(x.shape, bool)
+        for shape in shapes:
+            inside |= shape.contains(x, y, z)
+        return inside.reshape(phantom.shape)
+
+    bowel = union(loop.wall for loop in anatomy.bowel) & union([anatomy.cavity])
+    gas = union(loop.gas for loop in anatomy.bowel if loop.gas is not None)
+    gland = union(anatomy.pancreas)
+    assert not (bowel & gland).any()
+    visible = bowel & (phantom.organs == 0)  # loops the organs do not overlap
+    assert visible.sum() > 20
+    for label_map in (phantom.labels, phantom.organs, phantom.kidney_sides):
+        assert not label_map[visible].any()
+    loop_hu = phantom.hu[visible & ~gas]
+    assert np.mean((loop_hu >= 20) & (loop_hu <= 60)) > 0.8  # the rest: vessels and duodenum painted over them
+    # Some loop voxel lies within 2 voxels of the gland (in-plane neighbours on this 3 mm grid).
+    near = np.zeros_like(gland)
+    for shift in ((0, 0, 2), (0, 0, -2), (0, 2, 0), (0, -2, 0), (1, 0, 0), (-1, 0, 0)):
+        near |= np.roll(gland, shift, axis=(0, 1, 2))
+    assert (near & visible).any()
+
+
+def spacing_along_patient_axes(scan) -> np.ndarray:
+    """A sampled scan's voxel size along LR, AP and SI (its `spacing` is along the storage axes)."""
+    spacing = np.empty(3)
+    for letter, step in zip(scan["orientation"], scan["spacing"]):
+        spacing["LRAPSI".index(letter) // 2] = step
+    return spacing
+
+
+def voxel_centre_span(scan) -> tuple[np.ndarray, np.ndarray]:
+    """RAS corners (low, high) of the box through the outermost voxel centres of a sampled scan's grid."""
+    first = np.array(scan["origin"])
+    last = first.copy()
+    for letter, step in zip(scan["orientation"], scan["spacing"]):
+        count = np.rint(scan["size_mm"]["LRAPSI".index(letter) // 2] / step)
+        last += np.array(LETTER_RAS[letter]) * step * (count - 1)
+    return np.minimum(first, last), np.maximum(first, last)
+
+
+def test_sampled_scans_vary_as_clinical_scans_do():
+    fill, matrix, thickness, pixel_aspect, voxels = [], [], [], [], []
+    for seed, scan in zip(SEEDS, SCANS):
+        body_width = 2 * PATIENTS[seed].body.semi[0]
+        spacing_lr_ap_si = spacing_along_patient_axes(scan)
+        counts = np.rint(np.divide(scan["size_mm"], spacing_lr_ap_si)).astype(int)
+        fill.append(body_width / scan["size_mm"][0])
+        matrix.extend(counts[:2])
+        thickness.append(spacing_lr_ap_si[2])
+        pixel_aspect.append(spacing_lr_ap_si[0] / spacing_lr_ap_si[1])
+        voxels.append(np.prod(counts))
+        assert scan["size_mm"][0] <= 500.5 and 5 <= scan["noise_hu"] <= 25
+    low, high = spread(fill)
+    assert 0.5 <= low < 0.55 and 0.85 < high <= 0.9
+    low, high = spread(matrix)
+    assert 160 <= low < 200 and 480 < high <= 512
+    low, high = spread(thickness)
+    assert 1.5 <= low < 2.0 and 4.5 < high <= 5.0
+    np.testing.assert_allclose(pixel_aspect, 1.0)  # square pixels; the slice axis carries the thickness
+    assert max(voxels) <= MAX_SCAN_VOXELS
+    assert {scan["orientation"] for scan in SCANS} == set(ORIENTATIONS)
+    assert any(counts_lr != counts_ap for counts_lr, counts_ap in zip(matrix[::2], matrix[1::2]))  # some not square
+    assert np.ptp([scan["noise_hu"] for scan in SCANS]) > 15
+    assert sample_noise_hu(3) == SCANS[3]["noise_hu"] == sample_noise_hu(3)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sampled_field_of_view_holds_the_whole_body_and_pancreas(seed):
+    scan, patient = SCANS[seed], PATIENTS[seed]
+    low, high = voxel_centre_span(scan)
+    body_low = np.subtract(patient.body.centre, patient.body.semi)[:2]
+    body_high = np.add(patient.body.centre, patient.body.semi)[:2]
+    assert np.all(low[:2] < body_low) and np.all(high[:2] > body_high), "the frame cuts the body"
+    pancreas_z = [(part.centre[2] - part.semi[2], part.centre[2] + part.semi[2]) for part in patient.pancreas]
+    assert low[2] + 10 < np.min(pancreas_z) and np.max(pancreas_z) < high[2] - 10
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_sampled_scan_renders_the_whole_body_and_the_whole_pancreas(seed):
+    scan = SCANS[seed]
+    phantom = make_phantom(seed, **scan)
+    assert phantom.orientation == scan["orientation"] and np.prod(phantom.shape) <= MAX_SCAN_VOXELS
+    np.testing.assert_allclose(phantom.spacing, scan["spacing"])
+    axial = reorient(phantom, "LPS")  # [s, r, c]
+    assert np.all(axial.hu[:, [0, -1], :] < -500) and np.all(axial.hu[:, :, [0, -1]] < -500)  # air all round
+    assert not axial.labels[[0, -1]].any() and (axial.labels == 2).any()  # pancreas and tumour inside the stack
+
+
+def test_the_same_seed_is_the_same_patient_on_any_grid():
+    seed = 8  # a small LAS scan of 2 mm pixels: another orientation, spacing and origin than the default grid
+    scanned = make_phantom(seed, **SCANS[seed])
+    default = make_phantom(seed, noise_hu=0)
+    assert scanned.anatomy == default.anatomy == PATIENTS[seed]
+    voxel = np.maximum(np.abs(scanned.ijk_to_ras[:3, :3]).sum(1), np.abs(default.ijk_to_ras[:3, :3]).sum(1))
+    for name in ("pancreas", "tumour", "kidney_left"):
+        difference = centroid_ras(organ_masks(scanned)[name], scanned) - centroid_ras(organ_masks(default)[name], default)
+        assert np.all(np.abs(difference) <= voxel), (name, difference)
 
 
 # ---------------------------------------------------------------- writers

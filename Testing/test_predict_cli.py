@@ -221,7 +221,8 @@ def test_writers_with_hand_made_answers_on_a_coronal_stored_volume(tmp_path):
         (5, SliceResult("yes", "yes_no", (), False, True, 0.75, None, 12.0)),
         (6, SliceResult("hmm", "text", (), False, None, None, "no box and no yes/no in the answer", 12.0)),
     ]
-    details = {"command": "minigpt-pancreas predict", "prompt": "[refer] pancreas", "image_variant": "window"}
+    details = {"command": "minigpt-pancreas predict", "prompt": "[refer] pancreas", "image_variant": "window",
+               "model": "hand-made"}
     summary = write_outputs(tmp_path, view, results, label="pancreas", details=details, seconds=1.0)
 
     rows, rois = _csv(tmp_path), _json(tmp_path / "boxes.mrk.json")["markups"]

@@ -177,6 +177,9 @@ def test_help_works(capsys):
     (["--dataset", "msd"], "--root is required"),
     (["--all"], "--all needs --config"),
     (["--dataset", "msd", "--root", "{tmp}", "--threshold", "1.5"], "--threshold must be in [0, 1)"),
+    (["--dataset", "msd", "--root", "{tmp}", "--val-ratio", "-0.1"], "--val-ratio must be >= 0"),
+    (["--dataset", "msd", "--root", "{tmp}", "--test-ratio", "0.5", "--val-ratio", "0.5"],
+     "(--test-ratio + --val-ratio < 1), got 0.5 with --test-ratio 0.5"),
 ])
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, message):
     (tmp_path / "data").mkdir()
@@ -193,3 +196,76 @@ def test_output_inside_a_dataset_folder_is_refused(datasets, capsys):
     code = main(["prepare", "--dataset", "msd", "--root", str(root), "--out", str(root / "prepared")])
     assert code == 2 and "never writes inside a dataset folder" in capsys.readouterr().err
     assert _snapshot(root) == before
+
+
+def test_val_ratio_in_the_config_is_validated(tmp_path, capsys):
+    config = tmp_path / "prepare.json"
+    config.write_text(json.dumps({"roots": {"msd": "data"}, "test_ratio": 0.2, "val_ratio": 0.8}))
+    code = main(["prepare", "--all", "--config", str(config), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "got 0.8 with --test-ratio 0.2" in err
+
+
+@pytest.fixture(scope="module")
+def prepared_val(prepared, datasets, tmp_path_factory):
+    """The prepared output copied and re-run with --val-ratio 0.25 (the volumes resume; the split changes)."""
+    out = tmp_path_factory.mktemp("prepared_val") / "out"
+    shutil.copytree(prepared[0], out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["prepare", "--all", "--config", str(datasets[1]), "--out", str(out), "--val-ratio", "0.25",
+                     "--workers", "1"])
+    return out, code, printed.getvalue()
+
+
+def _task_files(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((out / "tasks").glob("*.json"))}
+
+
+def test_without_val_ratio_there_is_no_val_split(prepared):
+    out = prepared[0]
+    assert "val_ratio" not in _read(out / "splits.json") and "val_ratio" not in _read(out / "summary.json")["options"]
+    assert not list((out / "tasks").glob("*_val.json"))
+
+
+def test_val_is_held_out_from_train_and_the_test_split_does_not_move(prepared, prepared_val):
+    out, code, printed = prepared_val
+    assert code == 0 and "changed split since the last run" in printed  # a changed val_ratio is not silent
+    before, document = _read(prepared[0] / "splits.json"), _read(out / "splits.json")
+    assert document["val_ratio"] == 0.25
+    for dataset, by_split in document["splits"].items():
+        assert by_split["test"] == before["splits"][dataset]["test"]
+        assert by_split["val"] and set(by_split["train"]) | set(by_split["val"]) == set(
+            before["splits"][dataset]["train"])
+    split = {(d, v): s for d, by in document["splits"].items() for s, vs in by.items() for v in vs}
+    for group in document["duplicate_groups"]:
+        assert len({split[(m["dataset"], m["volume"])] for m in group}) == 1
+    old_files, files = _task_files(prepared[0]), _task_files(out)
+    assert {name for name in files if name.endswith("_test.json")} == {n for n in old_files if n.endswith("_test.json")}
+    for name in (n for n in old_files if n.endswith("_test.json")):
+        assert files[name] == old_files[name]  # the test sets are byte for byte those of a run without val
+        assert name.replace("_test", "_val") in files
+    for name in files:
+        wanted = name.rsplit("_", 1)[1].removesuffix(".json")
+        assert {split[(_dataset(e), e["volume"])] for e in _read(out / "tasks" / name)} <= {wanted}
+    assert _read(out / "tasks" / "pancreas_detection_msd_val.json")
+
+
+def test_the_summary_counts_val(prepared_val):
+    out, _, printed = prepared_val
+    summary = _read(out / "summary.json")
+    assert summary["options"]["val_ratio"] == 0.25
+    assert [r["split"] for r in summary["table"] if (r["dataset"], r["structure"]) == ("msd", "tumor")] == [
+        "train", "val", "test"]
+    assert summary["tasks"]["tumor_detection_msd"]["val"] > 0
+    assert "train  val  test" in printed
+
+
+def test_rerunning_without_val_removes_the_val_sets_and_restores_the_outputs(prepared, prepared_val, datasets,
+                                                                             tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(prepared_val[0], out)
+    assert main(["prepare", "--all", "--config", str(datasets[1]), "--out", str(out), "--workers", "1"]) == 0
+    assert "changed split since the last run" in capsys.readouterr().out
+    assert (out / "splits.json").read_bytes() == (prepared[0] / "splits.json").read_bytes()
+    assert _task_files(out) == _task_files(prepared[0])  # no stale _val.json left to pick epochs on

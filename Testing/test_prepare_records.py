@@ -21,8 +21,9 @@ from training.prepare.files import read_json
 from training.prepare.records import mask_stats, volume_records
 from training.prepare.volume_job import VolumeSettings, prepare_volume
 
-# Anisotropic on purpose: every storage axis has its own spacing.
-BASE = make_phantom(5, size_mm=(150.0, 120.0, 80.0), spacing=(3.0, 4.0, 5.0), orientation="LPS")
+# Anisotropic on purpose: every storage axis has its own spacing. The in-plane field of view is the default
+# 288 mm, wide enough to hold the liver, spleen and spine of any phantom patient (they vary in size and place).
+BASE = make_phantom(5, size_mm=(288.0, 288.0, 80.0), spacing=(4.5, 6.0, 5.0), orientation="LPS")
 
 
 def expected_view(phantom, array: np.ndarray) -> np.ndarray:

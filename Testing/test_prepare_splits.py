@@ -185,3 +185,63 @@ def test_balanced_sampling_differs_between_seeds_but_not_between_runs(seed):
         builder.add_volume("msd", "pancreas_001", "train", records)
         picks.append([e["slice_index"] for e in builder.finish()["pancreas_detection_balanced_msd"]["train"]])
     assert picks[0] == picks[1] and picks[0] != picks[2]
+
+
+def _metas_with_copies():
+    """_metas() plus AbdomenCT-1K copies of the first ten NIH scans and one scan stored twice in AbdomenCT-1K."""
+    copies = [{**_meta("nih", f"nih_{n:03d}"), "dataset": "abdomenct1k", "volume": f"Case_{n:05d}_0000"}
+              for n in range(10)]
+    twice = [{**_meta("abdomenct1k", "abdomenct1k_000"), "volume": "abdomenct1k_100"}]
+    return _metas() + copies + twice
+
+
+def test_val_ratio_zero_is_the_split_without_val():
+    metas = _metas_with_copies()
+    document = make_splits(metas, 42, 0.2, "same-split", val_ratio=0.0)
+    assert document == make_splits(metas, 42, 0.2, "same-split")
+    assert "val_ratio" not in document
+    assert all(set(by_split) == {"train", "test"} for by_split in document["splits"].values())
+
+
+def test_val_comes_from_train_leaves_test_alone_and_keeps_groups_whole():
+    metas = _metas_with_copies()
+    without = make_splits(metas, 42, 0.2, "same-split")
+    document = make_splits(metas, 42, 0.2, "same-split", val_ratio=0.25)
+    assert document["val_ratio"] == 0.25
+    for dataset, by_split in document["splits"].items():
+        assert by_split["test"] == without["splits"][dataset]["test"]
+        train, val, test = (set(by_split[s]) for s in ("train", "val", "test"))
+        assert not (train & val or train & test or val & test)
+        assert train | val == set(without["splits"][dataset]["train"])
+    assert [len(document["splits"][d]["val"]) for d in ("nih", "msd")] == [int(0.25 * 20), int(0.25 * 30)]
+    split = split_of(document)
+    assert "val" in split.values()
+    for group in document["duplicate_groups"]:
+        assert len({split[(m["dataset"], m["volume"])] for m in group}) == 1
+    # a group went to val with its NIH volume, so the AbdomenCT-1K copy is in val although ABD did not choose it
+    assert any(split[(g[0]["dataset"], g[0]["volume"])] == "val" for g in document["duplicate_groups"])
+
+
+def test_small_datasets_get_one_val_volume_from_three_train_volumes():
+    document = make_splits(_metas((("nih", 3), ("msd", 2))), 42, 0.2, "same-split", val_ratio=0.1)
+    assert len(document["splits"]["nih"]["val"]) == 1  # int(0.1 * 3) = 0, but 3 train volumes can spare one
+    assert document["splits"]["msd"]["val"] == []  # 2 train volumes: both stay in train
+
+
+def test_val_task_sets_follow_the_train_rules_and_the_upstream_set_pairs_val_with_val():
+    nih_pancreas = np.zeros((3, 30, 200), bool)
+    nih_pancreas[:, 5:15, 10:40] = True
+    volumes = [("msd", "pancreas_001", _msd_volume("pancreas_001")),
+               ("nih", "PANCREAS_0001", _volume({"pancreas": nih_pancreas}, "nih", "PANCREAS_0001"))]
+    as_split = {}
+    for split in ("train", "val"):
+        builder = TaskBuilder(threshold=0.6, seed=42, splits=("train", "test", "val"))
+        for dataset, volume, records in volumes:
+            builder.add_volume(dataset, volume, split, records)
+        as_split[split] = builder.finish()
+    for task, by_split in as_split["val"].items():
+        assert set(by_split) == {"train", "test", "val"} and by_split["train"] == by_split["test"] == []
+        if task != "tumor_classification_upstream":  # drawn per split: same rule, another draw
+            assert by_split["val"] == as_split["train"][task]["train"]
+    upstream = as_split["val"]["tumor_classification_upstream"]["val"]
+    assert {(e["dataset"], e["answer"]) for e in upstream} == {("MSD", "yes"), ("NIH", "no")}

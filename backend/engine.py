@@ -50,11 +50,12 @@ class InferenceEngine:
     """Batched question answering on CT slices with one loaded `MiniGPTv2`."""
 
     def __init__(self, model, *, batch_size: int = 8, box_decoding: str = "center", image_variant: str = "window",
-                 model_id: str | None = None, precision: str | None = None) -> None:
+                 model_id: str | None = None, precision: str | None = None, synthetic: bool = False) -> None:
         """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). box_decoding: "center" (the middle
         of the grid cell) or "floor" (upstream's evaluation). image_variant: the intensity rule of
         `SlicerMiniGPTPancreas.preprocess` ("window" = upstream HEAD, "paper"). precision: how the weights are
-        held, for reports (default: the model's compute dtype, e.g. "float32")."""
+        held, for reports (default: the model's compute dtype, e.g. "float32"). synthetic: the model was trained
+        on synthetic data only (a demonstration model; the service reports it)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EngineError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         if box_decoding not in BOX_DECODINGS:
@@ -66,6 +67,7 @@ class InferenceEngine:
         self.box_decoding = box_decoding
         self.image_variant = image_variant
         self.model_id: str = model_id or "minigpt-v2"
+        self.synthetic = synthetic
         self.device: str = str(model.device)
         self.precision: str = precision or str(model.compute_dtype).removeprefix("torch.")
         self.image_size: int = model.config.vision.image_size
@@ -78,8 +80,10 @@ class InferenceEngine:
                        image_variant: str = "window", model_id: str | None = None) -> "InferenceEngine":
         """Load a model folder (`backend.load_model`) and wrap it. dtype: None = float32 on the CPU, bfloat16 on
         a GPU that supports it, else float16; or "float32" / "float16" / "bfloat16" / a torch dtype.
-        quantization: None, "8bit" or "4bit" (CUDA only). The model id defaults to the folder's name.
+        quantization: None, "8bit" or "4bit" (CUDA only). The model id defaults to the one on the folder's card
+        (`minigpt-pancreas-train export`), else the folder's name.
         Loading errors (`backend.CheckpointError`, `QuantizationError`) say what is wrong with the files."""
+        from backend.demo_model import model_card
         from backend.model_dir import load_model
 
         torch_dtype = resolve_dtype(dtype, device)
@@ -87,8 +91,9 @@ class InferenceEngine:
         precision = str(torch_dtype).removeprefix("torch.")
         if quantization:
             precision = f"{quantization} weights, {precision} compute"
+        card = model_card(path)
         return cls(model, batch_size=batch_size, box_decoding=box_decoding, image_variant=image_variant,
-                   model_id=model_id or Path(path).resolve().name, precision=precision)
+                   model_id=model_id or card["model_id"], precision=precision, synthetic=card["synthetic"])
 
     # ---------------------------------------------------------------------------------------------- running
 
@@ -174,10 +179,7 @@ def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequenc
     loader behind `predict`, `serve` and `evaluate`. `device` "auto" picks CUDA when PyTorch sees a GPU."""
     if (model_dir is None) == (upstream is None):
         raise EngineError("give exactly one model: a model folder or the three upstream files.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError(f"device {device}: PyTorch sees no CUDA GPU here; use the CPU.")
+    device = resolve_device(device)
     if model_dir is not None:
         return InferenceEngine.from_model_dir(model_dir, device=device, dtype=dtype, quantization=quantization,
                                               batch_size=batch_size)
@@ -187,6 +189,20 @@ def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequenc
     model = load_upstream(vit, llama, checkpoint, image_size=image_size, dtype=resolve_dtype(dtype, device),
                           device=device, quantization=quantization)
     return InferenceEngine(model, batch_size=batch_size, model_id=checkpoint.stem)
+
+
+def resolve_device(device: str) -> str:
+    """A torch device name: "auto" = "cuda" when PyTorch sees a GPU, else "cpu"; EngineError for a CUDA device
+    without CUDA, or a name torch does not know."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        name = str(torch.device(device))
+    except RuntimeError as error:
+        raise EngineError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N).") from error
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"device {device}: PyTorch sees no CUDA GPU here; use the CPU (--device cpu).")
+    return name
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:

@@ -67,9 +67,16 @@ class MiniGPTv2(nn.Module):
         return embedding(torch.tensor(list(ids), dtype=torch.long, device=self.device))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors upstream's checkpoints hold (llama_proj + LoRA), under upstream (peft 0.2.0) names."""
+        """The tensors upstream's checkpoints hold (every parameter that requires grad: llama_proj + LoRA in a
+        LoRA stage), under upstream (peft 0.2.0) names."""
         return {to_upstream_name(name): param.detach()
                 for name, param in self.named_parameters() if param.requires_grad}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """llama_proj + LoRA under upstream names, whatever is being trained: what a model folder stores beside
+        its base files."""
+        return {to_upstream_name(name): param.detach() for name, param in self.named_parameters()
+                if name.startswith("llama_proj.") or ".lora_" in name}
 
     # ------------------------------------------------------------------------------------------- images
 
@@ -83,7 +90,9 @@ class MiniGPTv2(nn.Module):
         pixel_values = pixel_values.to(device=self.device, dtype=torch.float32)
         if pixel_values.dim() == 3:
             pixel_values = pixel_values[None]
-        with torch.no_grad(), self.autocast():
+        # The tower is frozen (no graph) unless a from-scratch stage trains it.
+        tower_trains = torch.is_grad_enabled() and self.visual_encoder.pos_embed.requires_grad
+        with torch.set_grad_enabled(tower_trains), self.autocast():
             features = self.visual_encoder(pixel_values)  # [B, 1 + P, C]
             features = self.ln_vision(features.float())  # [B, 1 + P, C] float32
         patches = features[:, 1:, :]  # [B, P, C]

@@ -9,6 +9,10 @@ The frozen weights (eva_vit_g.pth, ~2 GB; the LLaMA-2 folder, ~13 GB) are not co
 are still the files the model was saved with: by size always, and by sha256 with `verify_hashes=True` (reads
 every byte: minutes for 13 GB). Hashes are recorded at save time unless `hash_base_files=False`, in which case
 only sizes can be checked. Moved base files can be given to `load_model` explicitly.
+
+A base path in the manifest may also be relative: it is then resolved against the model folder. That is how
+`minigpt-pancreas-train export` writes a self-contained folder (the base files copied into `base/`, every path
+relative), which keeps loading after the folder is moved or copied to another machine.
 """
 
 from __future__ import annotations
@@ -35,19 +39,22 @@ TENSORS_FILE = "trainable.safetensors"
 
 
 def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files: bool = True,
-                   overwrite: bool = False) -> Path:
-    """Write `model` as a model folder. The manifest is written last, so a folder without it is incomplete."""
+                   overwrite: bool = False, base: BaseFiles | None = None) -> Path:
+    """Write `model` as a model folder. The manifest is written last, so a folder without it is incomplete.
+
+    `base` overrides the model's own base files (a stage that trained the base writes it into the folder first);
+    base files inside the folder are recorded by relative path, so the folder can be moved."""
     from safetensors.torch import save_file
 
     folder = Path(out_dir)
     if (folder / MANIFEST_FILE).exists() and not overwrite:
         raise FileExistsError(f"{folder} already holds a model; choose another folder or pass overwrite=True.")
-    base: BaseFiles | None = getattr(model, "base_files", None)
+    base = base or getattr(model, "base_files", None)
     if base is None:
         raise CheckpointError("this model does not know its base files; build it with load_upstream or load_model.")
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().float().cpu().contiguous()
-               for name, tensor in model.trainable_state_dict().items()}
+               for name, tensor in model.adapter_state_dict().items()}
     tensors.update({f"ln_vision.{key}": value.detach().float().cpu().contiguous()
                     for key, value in model.ln_vision.state_dict().items()})
     atomic_write(folder / TENSORS_FILE, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT_NAME}))
@@ -57,9 +64,9 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "base": {
-            "vit_checkpoint": {"path": str(base.vit_checkpoint),
+            "vit_checkpoint": {"path": _path_to_record(base.vit_checkpoint, folder),
                                **fingerprint(base.vit_checkpoint, hash_base_files).to_dict()},
-            "llama_dir": {"path": str(base.llama_dir), "files": {
+            "llama_dir": {"path": _path_to_record(base.llama_dir, folder), "files": {
                 file.name: fingerprint(file, hash_base_files).to_dict() for file in _llama_files(base.llama_dir)}},
         },
         "imported_from": str(base.imported_from) if base.imported_from else None,
@@ -90,11 +97,13 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_base_files(manifest: dict[str, Any], verify_hashes: bool = False, vit_checkpoint: str | None = None,
-                     llama_dir: str | None = None) -> tuple[BaseFiles, list[str]]:
-    """(the base files to use, every way they differ from the recorded ones). Sizes always, sha256 optionally."""
+                     llama_dir: str | None = None, *, model_dir: str | os.PathLike | None = None
+                     ) -> tuple[BaseFiles, list[str]]:
+    """(the base files to use, every way they differ from the recorded ones). Sizes always, sha256 optionally.
+    Relative recorded paths are resolved against `model_dir`, the folder holding the manifest."""
     base = manifest["base"]
-    vit = Path(vit_checkpoint or base["vit_checkpoint"]["path"])
-    llama = Path(llama_dir or base["llama_dir"]["path"])
+    vit = Path(vit_checkpoint or _recorded_path(base["vit_checkpoint"]["path"], model_dir))
+    llama = Path(llama_dir or _recorded_path(base["llama_dir"]["path"], model_dir))
     problems = _compare(vit, base["vit_checkpoint"], verify_hashes)
     for name, recorded in base["llama_dir"]["files"].items():
         problems += _compare(llama / name, recorded, verify_hashes)
@@ -115,7 +124,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
         config = MiniGPTConfig.from_dict(manifest["config"])
     except (ConfigError, TypeError, KeyError) as error:
         raise CheckpointError(f"{folder / MANIFEST_FILE}: invalid model config ({error}).") from error
-    base, problems = check_base_files(manifest, verify_hashes, vit_checkpoint, llama_dir)
+    base, problems = check_base_files(manifest, verify_hashes, vit_checkpoint, llama_dir, model_dir=folder)
     if problems:
         raise CheckpointError(f"the base files of {folder} are not the ones it was saved with:\n"
                               + "\n".join(f"  {line}" for line in problems)
@@ -134,6 +143,20 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     tokenizer = UpstreamLlamaTokenizer.from_dir(folder)
     return assemble_model(config, vit_raw, base, trainable, tensors_file, tokenizer, dtype, torch.device(device),
                           quantization)
+
+
+def _recorded_path(recorded: str, model_dir: str | os.PathLike | None) -> Path:
+    path = Path(recorded)
+    if path.is_absolute() or model_dir is None:
+        return path
+    # Absolute from here on: a model saved from this one (fit) must not record a path relative to the wrong folder.
+    return (Path(model_dir) / path).resolve()
+
+
+def _path_to_record(path: Path, folder: Path) -> str:
+    """Relative to the model folder when inside it (a self-contained folder), else absolute."""
+    resolved, inside = Path(path).absolute(), folder.absolute()
+    return str(resolved.relative_to(inside)) if resolved.is_relative_to(inside) else str(resolved)
 
 
 def _llama_files(llama_dir: Path) -> list[Path]:

@@ -32,7 +32,9 @@ from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 CONFIG_FILE = "config.json"
 LATEST_FILE = "latest.json"
 LOG_FILE = "log.jsonl"
+SCRATCH_FOLDER = "initial"  # a scratch run's freshly initialised upstream files
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+TRAIN_MODES = ("lora", "all")  # upstream's LoRA recipe, or every base parameter (the demo's from-scratch stage 0)
 # Settings that may change between a run and its resumption without making it another run.
 _NOT_IDENTITY = ("output_dir", "max_steps", "device", "num_workers", "log_every", "description")
 
@@ -62,7 +64,8 @@ class DatasetSpec:
 @dataclass(frozen=True)
 class ModelSource:
     """Exactly one of: this project's model folder; upstream files (stage-3 MiniGPT-v2 or a MiniGPT-Pancreas
-    checkpoint); or the output folder of a previous stage (its latest model, or the one of `epoch`)."""
+    checkpoint); the output folder of a previous stage (its latest model, or the one of `epoch`); or `scratch`:
+    a fresh tiny model of these sizes (`training.base_weights.ScratchSizes` fields), for the demo's stage 0."""
 
     model_dir: Path | None = None
     vit_checkpoint: Path | None = None
@@ -71,11 +74,14 @@ class ModelSource:
     image_size: int = 448  # only for upstream files (a model folder records its own)
     previous_stage: Path | None = None
     epoch: int | None = None  # only with previous_stage
+    scratch: dict[str, int] | None = None
 
     @property
     def kind(self) -> str:
         if self.model_dir is not None:
             return "model_dir"
+        if self.scratch is not None:
+            return "scratch"
         return "previous_stage" if self.previous_stage is not None else "upstream"
 
 
@@ -101,6 +107,9 @@ class FitConfig:
     num_workers: int = 4  # threads decoding images
     log_every: int = 10
     gradient_checkpointing: bool = False  # recompute LLaMA activations in backward: less memory, slower
+    train: str = "lora"  # "lora": llama_proj + LoRA (upstream); "all": every parameter but LoRA (stage 0)
+    grad_clip: float | None = None  # max gradient norm; upstream clips nothing
+    patch_grounding: float = 0.0  # weight of stage 0's patch-level box loss (training.patch_grounding); 0 = off
     hash_base_files: bool = False  # sha256 of the base files in every model folder (minutes for a 13 GB LLaMA)
     stage: str = ""  # a name for logs, e.g. "pancreas_detection"
     description: str = ""
@@ -155,6 +164,8 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> FitConfig:
     config = FitConfig(output_dir=_path(base_dir, _text(f"{where}: 'output_dir'", data["output_dir"])),
                        model=_model_source(data["model"], base_dir, f"{where}: model"),
                        datasets=_datasets(data["datasets"], base_dir, f"{where}: datasets"), **settings)
+    if config.patch_grounding and config.train != "all":
+        raise FitConfigError(f"{where}: 'patch_grounding' trains the vision tower, so it needs \"train\": \"all\".")
     if config.iters_per_epoch % config.grad_accumulation or (config.max_steps or 0) % config.grad_accumulation:
         raise FitConfigError(f"{where}: 'iters_per_epoch' and 'max_steps' must be multiples of "
                              f"'grad_accumulation' ({config.grad_accumulation}) so that every checkpoint falls "
@@ -173,6 +184,8 @@ def check_paths(config: FitConfig) -> None:
     source = config.model
     if source.kind == "previous_stage":
         resolve_previous_stage(source.previous_stage, source.epoch)
+        return
+    if source.kind == "scratch":
         return
     named = {"model_dir": source.model_dir} if source.kind == "model_dir" else {
         "vit_checkpoint": source.vit_checkpoint, "llama_dir": source.llama_dir, "checkpoint": source.checkpoint}
@@ -201,6 +214,8 @@ def _model_source(data: Any, base_dir: Path, where: str) -> ModelSource:
         raise FitConfigError(f"{where} must be an object.")
     fields = {f.name for f in dataclasses.fields(ModelSource)}
     _refuse_unknown(data, fields, where)
+    if "scratch" in data:
+        return _scratch_source(data, where)
     paths = {key: _path(base_dir, _text(f"{where}.{key}", value)) for key, value in data.items()
              if key not in ("image_size", "epoch")}
     upstream = [key for key in ("vit_checkpoint", "llama_dir", "checkpoint") if key in paths]
@@ -214,6 +229,18 @@ def _model_source(data: Any, base_dir: Path, where: str) -> ModelSource:
         raise FitConfigError(f"{where}.image_size: only for upstream files (a model folder records its own).")
     return ModelSource(**paths, image_size=_positive_int(f"{where}.image_size", data.get("image_size", 448)),
                        epoch=None if data.get("epoch") is None else _non_negative_int(f"{where}.epoch", data["epoch"]))
+
+
+def _scratch_source(data: dict, where: str) -> ModelSource:
+    from training.base_weights import ScratchSizes
+
+    if len(data) != 1 or not isinstance(data["scratch"], dict):
+        raise FitConfigError(f"{where}: 'scratch' takes an object of model sizes and nothing beside it; got "
+                             f"{sorted(data)}.")
+    sizes = data["scratch"]
+    _refuse_unknown(sizes, set(ScratchSizes().to_dict()), f"{where}.scratch")
+    checked = {key: _positive_int(f"{where}.scratch.{key}", value) for key, value in sizes.items()}
+    return ModelSource(scratch=ScratchSizes(**checked).to_dict())
 
 
 def _datasets(data: Any, base_dir: Path, where: str) -> tuple[DatasetSpec, ...]:
@@ -278,6 +305,12 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
+def _train_mode(where: str, value: Any) -> str:
+    if value not in TRAIN_MODES:
+        raise FitConfigError(f"{where} must be one of {', '.join(TRAIN_MODES)}, got {value!r}.")
+    return value
+
+
 def _precision(where: str, value: Any) -> str:
     if value not in PRECISIONS:
         raise FitConfigError(f"{where} must be one of {', '.join(PRECISIONS)}, got {value!r}.")
@@ -292,7 +325,8 @@ _RUN_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "batch_size": _positive_int, "grad_accumulation": _positive_int, "precision": _precision,
     "seed": _non_negative_int, "max_steps": _number(0, True, True, optional=True), "device": _text,
     "num_workers": _non_negative_int, "log_every": _positive_int, "gradient_checkpointing": _flag,
-    "hash_base_files": _flag, "stage": partial(_text, allow_empty=True),
+    "hash_base_files": _flag, "stage": partial(_text, allow_empty=True), "train": _train_mode,
+    "grad_clip": _number(0, strict=True, optional=True), "patch_grounding": _number(0),
     "description": partial(_text, allow_empty=True),
 }
 
@@ -338,6 +372,6 @@ def _remove_run_files(out: Path) -> None:
     if not out.is_dir():
         return
     for pattern in (CONFIG_FILE, LATEST_FILE, LOG_FILE, "checkpoint_*.pth", "model_epoch_*", ".model_epoch_*",
-                    ".tmp-*"):
+                    ".tmp-*", SCRATCH_FOLDER):
         for path in out.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()

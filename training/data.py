@@ -43,6 +43,7 @@ class Batch:
     instructions: list[str]
     answers: list[str]
     dataset: int  # index of the dataset it came from
+    phrases: list[str | None]  # the detection phrase of each example (None for yes/no)
 
 
 def training_example(entry: dict[str, Any], rng: random.Random) -> tuple[str, str]:
@@ -152,7 +153,8 @@ class TrainingData:
         pairs = [training_example(source.entries[i], self.prompt_rng) for i in indices]
         paths = [source.image_paths[i] for i in indices]
         images = self._pool.map(self._load, paths) if self._pool else map(self._load, paths)
-        return Batch(torch.stack(list(images)), [p[0] for p in pairs], [p[1] for p in pairs], dataset)
+        return Batch(torch.stack(list(images)), [p[0] for p in pairs], [p[1] for p in pairs], dataset,
+                     [source.entries[i].get("phrase") for i in indices])
 
     def _load(self, path: Path) -> torch.Tensor:
         try:

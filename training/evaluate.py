@@ -6,7 +6,8 @@ The output folder (`--out`) holds:
     predictions/<task>.jsonl   one line per answered test entry: q_id, image, prompt, answer, yes_probability,
                                seconds. Lines are appended (and synced) after every batch, so an interrupted run
                                keeps what it did and the same command later answers only the missing q_ids.
-    metrics.json, tables.md, tables.csv, iou_histograms.png   written whole by `evaluate_report`
+    metrics.json, tables.md, tables.csv   the model's numbers beside the baselines' (`evaluate_report`)
+    iou_histograms.png, heatmaps.png, examples/   the figures (`evaluate_figures`)
 
 Prompts are upstream's evaluation prompts (upstream-spec.md 6.1, 6.3): "[refer] give me the location of the
 {phrase}" for detection entries (they carry a `phrase`), the fixed `TC_EVAL_PROMPT` for yes/no entries. The
@@ -29,6 +30,7 @@ COMMAND_NAME = "minigpt-pancreas-train evaluate"
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 TEST_SUFFIX = "_test.json"
+DEFAULT_EXAMPLES = 6  # example overlays per detection task
 # run.json keys that must match for saved predictions to be reused (the prepared folder may move).
 _SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts")
 _DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
@@ -70,12 +72,14 @@ def available_tasks(prepared: Path) -> list[str]:
     return sorted(path.name[: -len(TEST_SUFFIX)] for path in (Path(prepared) / "tasks").glob(f"*{TEST_SUFFIX}"))
 
 
-def load_task(prepared: Path, task: str, limit: int | None = None) -> TaskSet:
-    """Read and check `prepared/tasks/<task>_test.json`; keep its first `limit` entries when given."""
-    path = Path(prepared) / "tasks" / f"{task}{TEST_SUFFIX}"
+def load_task(prepared: Path, task: str, limit: int | None = None, split: str = "test") -> TaskSet:
+    """Read and check `prepared/tasks/<task>_<split>.json` (the test split unless the cascade validates on
+    "val"); keep its first `limit` entries when given."""
+    path = Path(prepared) / "tasks" / f"{task}_{split}.json"
     if not path.is_file():
         known = ", ".join(available_tasks(prepared)) or "none"
-        raise EvaluateError(f"no test set for task {task!r}: {path} is missing. Tasks in {prepared}: {known}.")
+        raise EvaluateError(f"no {split} set for task {task!r}: {path} is missing. Tasks in {prepared}: {known}."
+                            + (" Prepare with --val-ratio to get validation sets." if split == "val" else ""))
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -245,28 +249,32 @@ def start_run(out: Path, settings: dict[str, Any], force: bool = False) -> None:
 
 def _clear(out: Path) -> None:
     """Delete this command's files in `out` (and nothing else)."""
+    from training.evaluate_figures import FIGURE_FILES, remove_examples
     from training.evaluate_report import REPORT_FILES
 
-    for name in (RUN_FILE, *REPORT_FILES):
+    for name in (RUN_FILE, *REPORT_FILES, *FIGURE_FILES):
         (out / name).unlink(missing_ok=True)
+    remove_examples(out)
     for path in (out / PREDICTIONS_DIR).glob("*.jsonl"):
         path.unlink()
 
 
 def evaluate(engine, prepared: Path, out: Path, settings: dict[str, Any], tasks: Sequence[str] | None = None, *,
-             limit: int | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Answer the test sets of `tasks` with `engine` (resuming), then score and write the reports; return the
-    metrics. settings: `run_settings(...)`; its max_new_tokens / constrain_boxes drive the engine."""
+             limit: int | None = None, force: bool = False, progress: Progress | None = None,
+             examples: int = DEFAULT_EXAMPLES) -> dict[str, Any]:
+    """Answer the test sets of `tasks` with `engine` (resuming), then score and write the reports and figures
+    (`examples` overlays per detection task); return the metrics. settings: `run_settings(...)`; its
+    max_new_tokens / constrain_boxes drive the engine."""
     task_sets = resolve_tasks(prepared, tasks, limit, check_images=True)
     start_run(out, settings, force)
     for task in task_sets:
         predict_task(engine, prepared, out, task, max_new_tokens=settings["max_new_tokens"],
                      constrain_boxes=settings["constrain_boxes"], progress=progress)
-    return _score_and_report(out, task_sets, settings)
+    return _score_and_report(out, Path(prepared), task_sets, settings, examples)
 
 
 def rescore(out: Path, prepared: Path | None = None, tasks: Sequence[str] | None = None,
-            limit: int | None = None) -> dict[str, Any]:
+            limit: int | None = None, examples: int = DEFAULT_EXAMPLES) -> dict[str, Any]:
     """Score saved predictions again (no model): `prepared` defaults to the one in run.json, `tasks` to every
     task with a predictions file."""
     out = Path(out)
@@ -281,15 +289,21 @@ def rescore(out: Path, prepared: Path | None = None, tasks: Sequence[str] | None
         tasks = sorted(path.stem for path in (out / PREDICTIONS_DIR).glob("*.jsonl"))
         if not tasks:
             raise EvaluateError(f"{out / PREDICTIONS_DIR} holds no predictions; run evaluate with --model first.")
-    return _score_and_report(out, resolve_tasks(prepared, tasks, limit), {**run, "prepared": str(prepared)})
+    return _score_and_report(out, prepared, resolve_tasks(prepared, tasks, limit), {**run, "prepared": str(prepared)},
+                             examples)
 
 
-def _score_and_report(out: Path, task_sets: list[TaskSet], run: dict[str, Any]) -> dict[str, Any]:
+def _score_and_report(out: Path, prepared: Path, task_sets: list[TaskSet], run: dict[str, Any],
+                      examples: int) -> dict[str, Any]:
+    from training.evaluate_baseline import add_baselines
+    from training.evaluate_figures import write_figures
     from training.evaluate_report import write_reports
     from training.evaluate_scoring import score_all
 
     predictions = {task.name: checked_predictions(out, task) for task in task_sets}
     metrics, ious = score_all(task_sets, predictions)
-    metrics = {"run": run, **metrics}
-    write_reports(Path(out), metrics, ious)
+    add_baselines(metrics, prepared, task_sets)
+    figures = write_figures(Path(out), prepared, task_sets, predictions, ious, examples)
+    metrics = {"run": run, **metrics, "figures": figures}
+    write_reports(Path(out), metrics)
     return metrics

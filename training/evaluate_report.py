@@ -1,6 +1,6 @@
-"""The evaluation's files: metrics.json (everything), tables.md (the paper's tables, every number labelled with
-its protocol), tables.csv (the same, one row per task / subset / variant) and an IoU histogram per variant
-(iou_histograms.png, only when matplotlib is installed: it is not a dependency). Each file is written whole.
+"""The evaluation's tables: metrics.json (everything), tables.md (the paper's tables, every number labelled with
+its protocol, the baselines beside the model) and tables.csv (the same, one row per task / subset / variant or
+baseline). Each file is written whole; the figures are `evaluate_figures`'.
 """
 
 from __future__ import annotations
@@ -9,21 +9,28 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from training.evaluate_baseline import BOX_LABEL, MAJORITY_LABEL
+from training.evaluate_scoring import VARIANT_NAMES
 
-METRICS_FILE, TABLES_MD, TABLES_CSV, PLOT_FILE = "metrics.json", "tables.md", "tables.csv", "iou_histograms.png"
-REPORT_FILES = (METRICS_FILE, TABLES_MD, TABLES_CSV, PLOT_FILE)
-VARIANT_NAMES = ("E1", "E2", "E3", "STRICT")
+METRICS_FILE, TABLES_MD, TABLES_CSV = "metrics.json", "tables.md", "tables.csv"
+REPORT_FILES = (METRICS_FILE, TABLES_MD, TABLES_CSV)
 DETECTION_TABLES = (("mean_iou", "IoU", "Mean IoU"),
                     ("mean_dice", "Dice", "Mean box Dice"),
                     ("hit_rate", "hit rate", "Hit rate: hits / answers in the IoU mean"),
                     ("detection_accuracy", "det. acc.", "Detection accuracy: hits / all entries"),
                     ("parse_failure_rate", "failures", "Parse failures: unreadable or missing answers / all entries"))
-CSV_COLUMNS = ("section", "task", "dataset", "subset", "variant", "n", "n_scored", "n_failed", "n_missing",
-               "mean_iou", "mean_dice", "hit_rate", "detection_accuracy", "parse_failure_rate", "tp", "tn", "fp",
-               "fn", "accuracy", "precision", "recall", "f1", "auc", "skipped")
+BASELINE_TABLES = ("mean_iou", "hit_rate")  # the fixed box's numbers, shown beside the model's
+YES_NO_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("precision", "precision"),
+                  ("recall", "recall"), ("specificity", "specificity"), ("npv", "NPV"), ("f1", "F1"),
+                  ("n_unparsed", "unparsed"))
+CSV_COLUMNS = ("section", "task", "dataset", "subset", "variant", "predictor", "n", "n_scored", "n_failed",
+               "n_missing", "mean_iou", "mean_dice", "hit_rate", "detection_accuracy", "parse_failure_rate", "tp",
+               "tn", "fp", "fn", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "npv", "f1",
+               "auc", "skipped")
+MODEL = "model"
 PUBLISHED = (  # upstream-spec.md 6.4; which protocol produced them is not stated (arXiv v1 predates E2/E3)
     ("pancreas detection IoU, NIH", "0.595", "arXiv 2412.15925v1 abstract"),
     ("pancreas detection IoU, MSD", "0.550", "arXiv 2412.15925v1 abstract"),
@@ -34,40 +41,46 @@ PUBLISHED = (  # upstream-spec.md 6.4; which protocol produced them is not state
 )
 
 
-def write_reports(out: Path, metrics: dict[str, Any], ious: dict[str, dict[str, list[float]]]) -> list[Path]:
-    """Write the plot (if possible), tables.md, tables.csv and metrics.json (last) into `out`; return the paths.
-    Sets metrics["plot"] to the plot's file name or the reason it was skipped."""
+def write_reports(out: Path, metrics: dict[str, Any]) -> list[Path]:
+    """Write tables.md, tables.csv and metrics.json (last) into `out`; return the paths."""
     out = Path(out)
-    metrics["plot"] = plot_iou_histograms(out / PLOT_FILE, ious)
-    written = [out / PLOT_FILE] if metrics["plot"] == PLOT_FILE else []
     atomic_write_bytes(out / TABLES_MD, render_markdown(metrics).encode("utf-8"))
     atomic_write_bytes(out / TABLES_CSV, render_csv(metrics).encode("utf-8"))
     atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=1) + "\n").encode("utf-8"))
-    return written + [out / TABLES_MD, out / TABLES_CSV, out / METRICS_FILE]
+    return [out / TABLES_MD, out / TABLES_CSV, out / METRICS_FILE]
 
 
 def _number(value: Any) -> str:
     return "–" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
-def detection_rows(metrics: dict[str, Any]) -> list[tuple[str, str, int, dict[str, Any]]]:
-    """(label, dataset, n, {variant: numbers}) for every detection line: tasks, their organs (AbdomenCT-1K) and
-    the datasets combined."""
+class DetectionRow(NamedTuple):
+    label: str
+    dataset: str
+    n: int
+    variants: dict[str, Any]  # {variant: the model's numbers}
+    baseline: dict[str, Any]  # the fixed box's STRICT numbers, or {"unavailable": why}
+
+
+def detection_rows(metrics: dict[str, Any]) -> list[DetectionRow]:
+    """Every detection line: tasks, their organs (AbdomenCT-1K) and the datasets combined."""
     rows = []
     for task, result in metrics["tasks"].items():
         if result["kind"] != "detection":
             continue
         for organ, organ_result in result.get("organs", {}).items():
-            rows.append((f"{task} / {organ}", result["dataset"], organ_result["n"], organ_result["variants"]))
+            rows.append(DetectionRow(f"{task} / {organ}", result["dataset"], organ_result["n"],
+                                     organ_result["variants"], organ_result.get("baseline", result["baseline"])))
         label = f"{task} (weighted over organs)" if "organs" in result else task
-        rows.append((label, result["dataset"], result["n"], result["variants"]))
+        rows.append(DetectionRow(label, result["dataset"], result["n"], result["variants"], result["baseline"]))
     for name, combined in metrics["combined"].items():
-        rows.append((name, f"{combined['dataset']} weighted", combined["n"], combined["variants"]))
+        rows.append(DetectionRow(name, f"{combined['dataset']} weighted", combined["n"], combined["variants"],
+                                 combined["baseline"]))
     return rows
 
 
 def _cell(numbers: dict[str, Any], key: str) -> str:
-    return "n/a" if "skipped" in numbers else _number(numbers.get(key))
+    return "n/a" if "skipped" in numbers or "unavailable" in numbers else _number(numbers.get(key))
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
@@ -79,36 +92,50 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     if rows:
         lines += ["## Box detection", ""]
         for key, short, title in DETECTION_TABLES:
-            lines += [f"### {title}", "", "| task | dataset | n | " + " | ".join(f"{short} {v}" for v in VARIANT_NAMES)
-                      + " |", "|---|---|---:|" + "---:|" * len(VARIANT_NAMES)]
-            lines += [f"| {label} | {dataset} | {n} | " + " | ".join(_cell(numbers.get(v, {}), key)
-                                                                      for v in VARIANT_NAMES) + " |"
-                      for label, dataset, n, numbers in rows]
-            lines.append("")
+            lines += _detection_table(rows, key, short, title)
         lines += _balanced_table(rows)
+        lines += _unavailable_baselines(rows)
     lines += _yes_no_table(metrics)
     lines += ["## Published numbers (for comparison)", "", "| metric | value | source |", "|---|---|---|"]
     lines += [f"| {metric} | {value} | {source} |" for metric, value, source in PUBLISHED]
     lines += ["", "The protocol behind the published numbers is not stated; arXiv v1 predates E2/E3, so most "
               "likely E1.", "", "## Notes", ""]
     lines += [f"- {note}" for note in metrics.get("notes", [])]
-    if metrics.get("plot") != PLOT_FILE:
-        lines.append(f"- IoU histograms: {metrics.get('plot')}")
+    if "skipped" in metrics.get("figures", {}):
+        lines.append(f"- Figures: {metrics['figures']['skipped']}")
     return "\n".join(lines) + "\n"
 
 
-def _balanced_table(rows) -> list[str]:
-    balanced = [row for row in rows if any(numbers.get("accuracy") is not None for numbers in row[3].values())]
+def _detection_table(rows: list[DetectionRow], key: str, short: str, title: str) -> list[str]:
+    """One metric for every row and protocol, and the fixed box beside them where it has that metric."""
+    with_baseline = key in BASELINE_TABLES
+    header = [f"{short} {variant}" for variant in VARIANT_NAMES] + [f"{short} {BOX_LABEL}, STRICT"] * with_baseline
+    lines = [f"### {title}", "", "| task | dataset | n | " + " | ".join(header) + " |",
+             "|---|---|---:|" + "---:|" * len(header)]
+    for row in rows:
+        cells = [_cell(row.variants.get(variant, {}), key) for variant in VARIANT_NAMES]
+        cells += [_cell(row.baseline, key)] * with_baseline
+        lines.append(f"| {row.label} | {row.dataset} | {row.n} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _unavailable_baselines(rows: list[DetectionRow]) -> list[str]:
+    reasons = [f"- {row.label}: {row.baseline['unavailable']}" for row in rows if "unavailable" in row.baseline]
+    return [f"{BOX_LABEL} unavailable (shown as n/a):", "", *reasons, ""] if reasons else []
+
+
+def _balanced_table(rows: list[DetectionRow]) -> list[str]:
+    balanced = [row for row in rows if any(numbers.get("accuracy") is not None for numbers in row.variants.values())]
     if not balanced:
         return []
     lines = ["### Balanced sets: is the structure on the slice? (present = positive)", "",
              "| task | dataset | variant | TP | TN | FP | FN | accuracy | precision | recall | F1 |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, dataset, _, numbers in balanced:
+    for row in balanced:
         for variant in VARIANT_NAMES:
-            values = numbers.get(variant, {})
+            values = row.variants.get(variant, {})
             if "skipped" not in values:
-                lines.append(f"| {label} | {dataset} | {variant} | " + " | ".join(
+                lines.append(f"| {row.label} | {row.dataset} | {variant} | " + " | ".join(
                     _number(values.get(key)) for key in ("tp", "tn", "fp", "fn", "accuracy", "precision", "recall",
                                                          "f1")) + " |")
     return lines + [""]
@@ -119,71 +146,47 @@ def _yes_no_table(metrics: dict[str, Any]) -> list[str]:
     if not tasks:
         return []
     lines = ["## Tumour classification (positive = yes)", "",
-             "| task | dataset | rule | n | accuracy | precision | recall | F1 | unparsed | AUC of P(yes) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| task | dataset | rule | n | " + " | ".join(short for _, short in YES_NO_COLUMNS) + " | AUC of P(yes) |",
+             "|---|---|---|---:|" + "---:|" * (len(YES_NO_COLUMNS) + 1)]
     for task, result in tasks:
         for rule, report in result["rules"].items():
             lines.append(f"| {task} | {result['dataset']} | {rule} | {report['n']} | " + " | ".join(
-                _number(report[key]) for key in ("accuracy", "precision", "recall", "f1", "n_unparsed"))
-                + f" | {_number(result['auc']['value'])} |")
+                _number(report[key]) for key, _ in YES_NO_COLUMNS) + f" | {_number(result['auc']['value'])} |")
+        baseline = result["baseline"]
+        label = f"{MAJORITY_LABEL} ('{baseline['answer']}')" if "answer" in baseline else MAJORITY_LABEL
+        lines.append(f"| {task}: {label} | {result['dataset']} | any | {baseline.get('n', result['n'])} | "
+                     + " | ".join(_cell(baseline, key) for key, _ in YES_NO_COLUMNS) + " | – |")
     return lines + ["", "Rules: upstream = anything but exactly 'yes' counts as 'no'; strict = case and punctuation "
                     "ignored, an answer that is neither yes nor no counts as wrong. The AUC ranks the yes "
-                    "probability of the first answer token and does not depend on the rule.", ""]
+                    "probability of the first answer token and does not depend on the rule. The "
+                    f"{MAJORITY_LABEL} gives its answer to every test entry (accuracy and balanced accuracy only; "
+                    "a tie answers 'no').", ""]
 
 
 def render_csv(metrics: dict[str, Any]) -> str:
-    """One row per (task, subset, variant or yes/no rule); empty cells where a number does not apply."""
+    """One row per (task, subset, variant or yes/no rule) of the model, and one per baseline (column
+    `predictor`); empty cells where a number does not apply."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for label, dataset, n, numbers in detection_rows(metrics):
-        task, _, subset = label.partition(" / ")
-        subset = subset or ("organs weighted" if "weighted over organs" in label else
+    for row in detection_rows(metrics):
+        task, _, subset = row.label.partition(" / ")
+        subset = subset or ("organs weighted" if "weighted over organs" in row.label else
                             "datasets weighted" if task in metrics["combined"] else "all")
-        task = task.replace(" (weighted over organs)", "")
+        common = {"section": "detection", "task": task.replace(" (weighted over organs)", ""),
+                  "dataset": row.dataset, "subset": subset, "n": row.n}
         for variant in VARIANT_NAMES:
-            values = numbers.get(variant, {})
-            writer.writerow({**values, "section": "detection", "task": task, "dataset": dataset, "subset": subset,
-                             "variant": variant, "n": n, "skipped": values.get("skipped", "")})
+            values = row.variants.get(variant, {})
+            writer.writerow({**values, **common, "variant": variant, "predictor": MODEL,
+                             "skipped": values.get("skipped", "")})
+        writer.writerow({**row.baseline, **common, "variant": "STRICT", "predictor": BOX_LABEL,
+                         "skipped": row.baseline.get("unavailable", "")})
     for task, result in metrics["tasks"].items():
         if result["kind"] == "yes_no":
+            common = {"section": "tumour classification", "task": task, "subset": "all", "dataset": result["dataset"]}
             for rule, report in result["rules"].items():
-                writer.writerow({**report, "section": "tumour classification", "task": task, "subset": "all",
-                                 "dataset": result["dataset"], "variant": rule, "n_missing": result["n"] -
-                                 result["n_predicted"], "auc": result["auc"]["value"]})
+                writer.writerow({**report, **common, "variant": rule, "predictor": MODEL,
+                                 "n_missing": result["n"] - result["n_predicted"], "auc": result["auc"]["value"]})
+            writer.writerow({**result["baseline"], **common, "variant": "any", "predictor": MAJORITY_LABEL,
+                             "skipped": result["baseline"].get("unavailable", "")})
     return buffer.getvalue()
-
-
-def plot_iou_histograms(path: Path, ious: dict[str, dict[str, list[float]]]) -> str:
-    """Histograms of per-answer IoU, one panel per (task, variant); returns the file name or why it was skipped."""
-    if not ious:
-        Path(path).unlink(missing_ok=True)
-        return "skipped: no detection task was scored"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        Path(path).unlink(missing_ok=True)  # never leave a plot of an earlier scoring next to new numbers
-        return "skipped: matplotlib is not installed (pip install matplotlib to get iou_histograms.png)"
-    figure, axes = plt.subplots(len(ious), len(VARIANT_NAMES), figsize=(3.2 * len(VARIANT_NAMES), 2.4 * len(ious)),
-                                squeeze=False, sharex=True)
-    for row, (task, by_variant) in enumerate(ious.items()):
-        for column, variant in enumerate(VARIANT_NAMES):
-            axis = axes[row][column]
-            values = by_variant.get(variant)
-            if values is None:
-                axis.text(0.5, 0.5, "n/a", ha="center", va="center", transform=axis.transAxes)
-            else:
-                axis.hist(values, bins=20, range=(0.0, 1.0), color="tab:blue")
-            axis.set_title(f"{task}\n{variant} (n={0 if values is None else len(values)})", fontsize=8)
-            axis.tick_params(labelsize=7)
-    for axis in axes[-1]:
-        axis.set_xlabel("IoU", fontsize=8)
-    figure.tight_layout()
-    try:
-        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=90))
-    finally:
-        plt.close(figure)
-    return PLOT_FILE

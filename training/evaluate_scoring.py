@@ -12,7 +12,8 @@ Detection tasks are scored with `SlicerMiniGPTPancreas.metrics.evaluate_detectio
   sample-weighted (sum metric * n / sum n), upstream's "weighted" NIH+MSD number.
 
 Yes/no tasks get the upstream rule (anything but exactly "yes" is "no") and the strict rule
-(`metrics.evaluate_yes_no`), plus the ROC AUC of the yes probability (computed here, in numpy).
+(`metrics.evaluate_yes_no`) with balanced accuracy, specificity and NPV added, plus the ROC AUC of the yes
+probability (computed here, in numpy).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from SlicerMiniGPTPancreas.metrics import (
-    DetectionReport, MetricsError, Variant, combine_weighted, evaluate_detection, evaluate_yes_no,
+    DetectionReport, MetricsError, SampleScore, Variant, combine_weighted, evaluate_detection, evaluate_yes_no,
 )
 from training.evaluate import EvaluateError, TaskSet
 
 VARIANTS = (Variant.E1, Variant.E2, Variant.E3, Variant.STRICT)
+VARIANT_NAMES = tuple(variant.value for variant in VARIANTS)
 ABD_SCALE = 5.12  # upstream's evaluate_datasets_ABD multiplies grid values by this whatever the image size
 ABD_SCALED_VARIANTS = (Variant.E3,)
 YES_NO_RULES = ("upstream", "strict")
@@ -80,11 +82,16 @@ def _answer_texts(answers: list[dict[str, Any] | None]) -> list[str | None]:
 
 # ------------------------------------------------------------------------------------------------ detection
 
+def balanced_task(task: TaskSet) -> bool:
+    """Whether a detection task holds empty slices (answered `{<0><0><0><0>}`) and is scored as balanced."""
+    return "_balanced" in task.name
+
+
 def score_detection(task: TaskSet, answers: list[dict[str, Any] | None]
                     ) -> tuple[dict[str, Any], dict[str, DetectionReport], dict[str, list[float]]]:
     """(metrics.json entry, per-variant reports for combining datasets (none for per-organ tasks, which are
     combined over organs instead), per-variant IoUs of the scored samples)."""
-    balanced = "_balanced" in task.name
+    balanced = balanced_task(task)
     texts = _answer_texts(answers)
     result: dict[str, Any] = {"kind": "detection", "dataset": _dataset(task), "n": len(task.entries),
                               "n_predicted": sum(text is not None for text in texts), "balanced": balanced,
@@ -116,6 +123,13 @@ def score_detection(task: TaskSet, answers: list[dict[str, Any] | None]
             result["variants"][variant.value] = group_reports[0].as_dict()
             reports[variant.value] = group_reports[0]
     return result, reports, ious
+
+
+def strict_samples(task: TaskSet, answers: list[dict[str, Any] | None]) -> list[SampleScore]:
+    """How STRICT reads each answer of a detection task (decoded box, IoU), in the order of the entries."""
+    return evaluate_detection(_answer_texts(answers), [entry["bbox"] for entry in task.entries],
+                              [(entry["width"], entry["height"]) for entry in task.entries], Variant.STRICT,
+                              balanced=balanced_task(task)).samples
 
 
 def combine_datasets(reports: dict[str, dict[str, DetectionReport]], results: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +164,8 @@ def score_yes_no(task: TaskSet, answers: list[dict[str, Any] | None]) -> dict[st
     truths = [entry["answer"] for entry in task.entries]
     result: dict[str, Any] = {"kind": "yes_no", "dataset": _dataset(task), "n": len(truths),
                               "n_predicted": sum(text is not None for text in texts),
-                              "rules": {rule: evaluate_yes_no(texts, truths, rule).as_dict() for rule in YES_NO_RULES}}
+                              "rules": {rule: _with_rates(evaluate_yes_no(texts, truths, rule).as_dict())
+                                        for rule in YES_NO_RULES}}
     pairs = [(str(truth).strip().lower() == "yes", record.get("yes_probability"))
              for truth, record in zip(truths, answers) if record is not None]
     scored = [(label, float(p)) for label, p in pairs if p is not None]
@@ -161,6 +176,19 @@ def score_yes_no(task: TaskSet, answers: list[dict[str, Any] | None]) -> dict[st
     if auc is None:
         result["auc"]["reason"] = "needs yes probabilities of both a 'yes' and a 'no' entry"
     return result
+
+
+def _with_rates(report: dict[str, Any]) -> dict[str, Any]:
+    return {**report, **yes_no_rates(report["tp"], report["tn"], report["fp"], report["fn"])}
+
+
+def yes_no_rates(tp: int, tn: int, fp: int, fn: int) -> dict[str, float]:
+    """Balanced accuracy, specificity and NPV of yes/no counts (positive = yes; a ratio with no denominator is 0,
+    as precision is). Balanced accuracy averages the recall of the classes present in the truth, as sklearn's
+    does, so a test set of one class still gets a number."""
+    recalls = [hits / total for hits, total in ((tp, tp + fn), (tn, tn + fp)) if total]
+    return {"balanced_accuracy": sum(recalls) / len(recalls) if recalls else 0.0,
+            "specificity": tn / (tn + fp) if tn + fp else 0.0, "npv": tn / (tn + fn) if tn + fn else 0.0}
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:

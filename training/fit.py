@@ -1,11 +1,13 @@
 """One stage of the cascaded LoRA fine-tune (`minigpt-pancreas-train fit CONFIG.json`), top to bottom.
 
 Upstream's recipe (upstream-spec.md section 5.1), kept exactly unless noted:
-* trainable: llama_proj + the LoRA matrices (the ViT, ln_vision and the LLaMA stay frozen);
+* trainable: llama_proj + the LoRA matrices (the ViT, ln_vision and the LLaMA stay frozen). The demo cascade's
+  stage 0 (`"train": "all"`, usually from `"scratch"`) trains every parameter but LoRA instead, standing in for
+  MiniGPT-v2's own pre-training, and writes its base into each model folder (`training.base_weights`);
 * AdamW, betas (0.9, 0.999), weight decay 0.05 on matrices, 0 on biases and norms;
 * LR per iteration from `lr_at` (upstream's LinearWarmupCosineLRScheduler); an "epoch" is `iters_per_epoch`
   iterations, each one batch from ONE dataset chosen by sample ratio (`training.data`);
-* AMP on CUDA: float16 weights + autocast + GradScaler; no gradient clipping;
+* AMP on CUDA: float16 weights + autocast + GradScaler; no gradient clipping unless `grad_clip` is set;
 * gradient accumulation: the loss is divided by the number of accumulated batches (upstream summed them; the
   default of 1 makes both the same);
 * a checkpoint after every epoch and at the end: `checkpoint_{epoch}.pth` in upstream's format plus
@@ -38,9 +40,11 @@ from backend.model import MiniGPTv2
 from backend.model_dir import load_model, read_manifest, save_model_dir
 from backend.output_folder import staged_folder
 from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
-from training.config import (LATEST_FILE, LOG_FILE, FitConfig, FitConfigError, checkpoint_name, model_dir_name,
-                             prepare_output_dir, resolve_previous_stage)
+from training.base_weights import ScratchSizes, write_initial_base, write_trained_base
+from training.config import (LATEST_FILE, LOG_FILE, SCRATCH_FOLDER, FitConfig, FitConfigError, checkpoint_name,
+                             model_dir_name, prepare_output_dir, resolve_previous_stage)
 from training.data import TrainingData
+from training.patch_grounding import PatchGroundingLoss
 
 
 @dataclass(frozen=True)
@@ -97,16 +101,17 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 
     model = load_starting_model(cfg, dtype, device)
+    if cfg.train == "all":
+        _train_every_base_parameter(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model.llama_model)
-    optimizer = build_optimizer(model, cfg)
+    trained = _LossModule(model, PatchGroundingLoss(model) if cfg.patch_grounding else None, cfg.patch_grounding)
+    optimizer = build_optimizer(trained, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    step = restore_checkpoint(cfg.output_dir / latest["checkpoint"], model, optimizer, scaler, data, procs) \
+    step = restore_checkpoint(cfg.output_dir / latest["checkpoint"], trained, optimizer, scaler, data, procs) \
         if latest else 0
-    loss_of = _LossModule(model)
-    if procs.world_size > 1:
-        loss_of = nn.parallel.DistributedDataParallel(
-            loss_of, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_of = trained if procs.world_size == 1 else nn.parallel.DistributedDataParallel(
+        trained, device_ids=[device.index] if device.type == "cuda" else None)
     log = RunLog(cfg, procs.rank, step)
     log.say(_describe(cfg, model, data, device, dtype, procs, latest))
 
@@ -122,15 +127,18 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
             # DDP averages gradients over processes only on the backward that precedes an optimizer step
             with nullcontext() if update or procs.world_size == 1 else loss_of.no_sync():
                 with model.autocast():
-                    loss = loss_of(batch.pixels.to(device), batch.instructions, batch.answers)
+                    loss = loss_of(batch.pixels.to(device), batch.instructions, batch.answers, batch.phrases)
                 scaler.scale(loss / cfg.grad_accumulation).backward()
             if update:
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad], cfg.grad_clip)
                 scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             log.step(step, _mean_over_processes(loss.detach(), procs), lr)
             if step % cfg.iters_per_epoch == 0 or step == cfg.last_step:
-                latest = save_checkpoint(cfg, step, model, optimizer, scaler, data, procs)
+                latest = save_checkpoint(cfg, step, trained, optimizer, scaler, data, procs)
                 log.checkpoint(latest)
     finally:
         log.flush()
@@ -141,14 +149,19 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
 
 
 class _LossModule(nn.Module):
-    """DistributedDataParallel synchronises gradients of `forward`; here forward is the training loss."""
+    """What one step minimises: the answer loss, plus stage 0's patch-grounding loss when it is on. A module, so
+    that DistributedDataParallel synchronises the gradients of both and the optimizer sees the head too."""
 
-    def __init__(self, model: MiniGPTv2) -> None:
+    def __init__(self, model: MiniGPTv2, grounding: PatchGroundingLoss | None = None, weight: float = 0.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.grounding, self.weight = model, grounding, weight
 
-    def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
-        return self.model.training_loss(pixels, instructions, answers)
+    def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str],
+                phrases: list[str | None]) -> torch.Tensor:
+        loss = self.model.training_loss(pixels, instructions, answers)
+        if self.grounding is not None:
+            loss = loss + self.weight * self.grounding(phrases, answers)
+        return loss
 
 
 # ---------------------------------------------------------------------------------- device, precision, model
@@ -181,14 +194,26 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def load_starting_model(cfg: FitConfig, dtype: torch.dtype, device: torch.device) -> MiniGPTv2:
     source = cfg.model
+    if source.kind == "scratch":  # the same seed writes the same files, so a resumed run rebuilds them equal
+        files = write_initial_base(cfg.output_dir / SCRATCH_FOLDER, ScratchSizes(**source.scratch), cfg.seed)
+        return load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
+                             image_size=source.scratch["image_size"], dtype=dtype, device=device)
     if source.kind == "upstream":
         return load_upstream(source.vit_checkpoint, source.llama_dir, source.checkpoint,
                              image_size=source.image_size, dtype=dtype, device=device)
     return load_model(_starting_folder(cfg), dtype=dtype, device=device)
 
 
+def _train_every_base_parameter(model: MiniGPTv2) -> None:
+    """Stage 0: ViT, ln_vision, llama_proj and the whole LLaMA learn; LoRA stays frozen (B = 0: no effect)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_" not in name)
+
+
 def starting_image_size(cfg: FitConfig) -> int:
     """The model's input side, known before loading it (a model folder records it in its manifest)."""
+    if cfg.model.kind == "scratch":
+        return cfg.model.scratch["image_size"]
     if cfg.model.kind == "upstream":
         return cfg.model.image_size
     return MiniGPTConfig.from_dict(read_manifest(_starting_folder(cfg))["config"]).vision.image_size
@@ -220,9 +245,11 @@ def upstream_state(model: MiniGPTv2) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(cfg: FitConfig, step: int, model: MiniGPTv2, optimizer: torch.optim.Optimizer,
+def save_checkpoint(cfg: FitConfig, step: int, trained: _LossModule, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, data: TrainingData, procs: Processes) -> dict[str, Any]:
-    """Write model_epoch_{e}/, then checkpoint_{e}.pth, then latest.json (rank 0); return latest.json's record."""
+    """Write model_epoch_{e}/, then checkpoint_{e}.pth, then latest.json (rank 0); return latest.json's record.
+    The patch-grounding head (stage 0) is kept in the checkpoint for resuming, never in the model folder."""
+    model = trained.model
     epoch = (step - 1) // cfg.iters_per_epoch
     random_states = _gather({"data": data.state_dict(), "torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, procs)
@@ -231,20 +258,25 @@ def save_checkpoint(cfg: FitConfig, step: int, model: MiniGPTv2, optimizer: torc
     if procs.rank == 0:
         out = cfg.output_dir
         with staged_folder(out / record["model_dir"]) as staging:
-            save_model_dir(model, staging, hash_base_files=cfg.hash_base_files)
+            base = write_trained_base(model, staging) if cfg.train == "all" else None
+            save_model_dir(model, staging, hash_base_files=cfg.hash_base_files, base=base)
             staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         payload = {"model": upstream_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                   "epoch": epoch, "config": cfg.to_dict(), "step": step, "random_states": random_states}
+                   "epoch": epoch, "config": cfg.to_dict(), "step": step, "random_states": random_states,
+                   "grounding_head": trained.grounding.head.state_dict() if trained.grounding else None}
         atomic_write(out / record["checkpoint"], lambda temporary: torch.save(payload, temporary))
         atomic_write_bytes(out / LATEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
     _barrier(procs)
     return record
 
 
-def restore_checkpoint(path: Path, model: MiniGPTv2, optimizer: torch.optim.Optimizer,
+def restore_checkpoint(path: Path, trained: _LossModule, optimizer: torch.optim.Optimizer,
                        scaler: torch.amp.GradScaler, data: TrainingData, procs: Processes) -> int:
     """Load a checkpoint written by `save_checkpoint` into the run's objects; return its step."""
     state = load_torch_file(path, "fit checkpoint")
+    model = trained.model
+    if trained.grounding is not None:
+        trained.grounding.head.load_state_dict(state["grounding_head"])
     parameters = model.state_dict(keep_vars=True)
     names = {name: to_internal_name(name, model.config.lora_target_modules) for name in state["model"]}
     missing = sorted(set(model.trainable_state_dict()) - set(state["model"]))
@@ -344,7 +376,8 @@ class RunLog:
 def _describe(cfg: FitConfig, model: MiniGPTv2, data: TrainingData, device: torch.device, dtype: torch.dtype,
               procs: Processes, latest: dict[str, Any] | None) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [f"fit {cfg.stage or cfg.output_dir.name}: {cfg.model.kind} model, {trainable:,} trainable parameters, "
+    lines = [f"fit {cfg.stage or cfg.output_dir.name}: {cfg.model.kind} model, {trainable:,} trainable parameters "
+             f"({'every base parameter' if cfg.train == 'all' else 'llama_proj + LoRA'}), "
              f"{device} {str(dtype).replace('torch.', '')}, {procs.world_size} process(es)"]
     lines += [f"  {d.name}: {len(d)} entries, sample_ratio {d.spec.sample_ratio:g}" for d in data.datasets]
     start = f"resuming after step {latest['step']}" if latest else "starting"

@@ -47,9 +47,13 @@ def _describe_model_dir(folder: Path, verify_hashes: bool) -> int:
           f"{config.llm_hidden_size} (llama_proj)")
     print(f"LoRA: r {config.lora_r}, alpha {config.lora_alpha} (scaling {config.lora_scaling:g}), dropout "
           f"{config.lora_dropout}, targets {', '.join(config.lora_target_modules)}")
+    card = manifest.get("card")
+    if card:
+        kind = "synthetic demonstration model, not for clinical use" if card.get("synthetic") else "model"
+        print(f"card: {card.get('model_id')} ({kind}), exported {card.get('created')}: {card.get('description')}")
     if manifest.get("imported_from"):
         print(f"imported from: {manifest['imported_from']}")
-    base, problems = check_base_files(manifest, verify_hashes=verify_hashes)
+    base, problems = check_base_files(manifest, verify_hashes=verify_hashes, model_dir=folder)
     print(f"EVA ViT file: {base.vit_checkpoint}")
     print(f"LLaMA folder: {base.llama_dir}")
     check = "sha256 and size" if verify_hashes else "size only (--verify-hashes for content)"

@@ -2,11 +2,13 @@
 
 The volume (NIfTI, NRRD, MetaImage, or a folder holding one DICOM series) is read with SimpleITK, shown to the
 model as radiological axial slices (the model view: up = anterior, left = patient right), and answered in batches
-by `backend.engine.InferenceEngine`. The output folder is built beside its target and swapped in whole:
+by `backend.engine.InferenceEngine` (the bundled demo model unless --model or --upstream says otherwise). The
+output folder is built beside its target and swapped in whole:
 
   boxes.csv       one row per box: slice, answer, pixel box on the model-view slice, confidence, RAS centre/size
-  boxes.mrk.json  one ROI per box, one slice thick, for 3D Slicer (File > Add Data); stored in LPS like Slicer
-  answers.json    every slice's answer: text, kind, boxes, yes/no and P(yes), reason, time
+  boxes.mrk.json  one ROI per box, one slice thick, described with the model id, for 3D Slicer (File > Add Data);
+                  stored in LPS like Slicer
+  answers.json    the model id and every slice's answer: text, kind, boxes, yes/no and P(yes), reason, time
   overlays/       the slices with boxes, boxes drawn (PNG)
   summary.json    inputs, model, counts
 
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from backend import prompts
+from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
 from backend.output_folder import staged_folder
 
 DEFAULT_PROMPT = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # upstream's evaluation refer prompt
@@ -37,11 +40,7 @@ class PredictError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", metavar="VOLUME", type=Path,
                         help="CT volume: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder of one DICOM series")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="DIR", type=Path, help="model folder (from `import-upstream`)")
-    source.add_argument("--upstream", nargs=3, metavar=("VIT", "LLAMA", "CHECKPOINT"), type=Path,
-                        help="the original files: eva_vit_g.pth, the LLaMA-2 folder, a MiniGPT .pth")
-    parser.add_argument("--image-size", type=int, default=448, help="with --upstream: model input side (448)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", default=None, help=f"question for every slice (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--label", default=None,
                         help="name of the ROIs (default: 'pancreas' with the default prompt, else 'box')")
@@ -50,11 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a single number picks one slice (default: all)")
     parser.add_argument("--series", metavar="UID", default=None,
                         help="for a DICOM folder holding several series: the SeriesInstanceUID to use")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per model call (default 8)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the model runs (default: cuda when PyTorch sees a GPU, else cpu)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="weights precision (default: float32 on cpu, bfloat16/float16 on cuda)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="answer length limit (default 20, upstream)")
     parser.add_argument("--constrain-boxes", action="store_true",
                         help="let the model write only one box per slice (detection prompts)")
@@ -73,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
     label = args.label or ("pancreas" if args.prompt is None else "box")
     out = Path(args.out or f"{_volume_name(volume)}-predictions").absolute()
     # Everything cheap is checked before the model loads: a typo should not cost minutes.
+    resolve_model_source(args)  # prints which model, first, when it is the bundled one
     _check_options(args, prompt)
     _check_output_folder(out)
-    _check_model_source(args)
     view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(volume, args.series)))
     chosen = parse_slices(args.slices, view.shape[0])
 
-    engine = _load_engine(args)
+    engine = engine_from_args(args)
     results = _predict(engine, [view.slice(s) for s in chosen], prompt, args)
     details = {
         "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": prompt, "model": engine.model_id,
@@ -168,10 +162,8 @@ def _volume_name(volume: Path) -> str:
 
 
 def _check_options(args: argparse.Namespace, prompt: str) -> None:
-    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                          ("--image-size", args.image_size)):
-        if value < 1:
-            raise PredictError(f"{option} must be at least 1, got {value}.")
+    if args.max_new_tokens < 1:
+        raise PredictError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if not prompt.strip():
         raise PredictError(f"--prompt is empty; ask a question, e.g. {DEFAULT_PROMPT!r}.")
     prompts.inference_prompt(prompt)  # PromptError (a ValueError) for text the prompt template cannot take
@@ -192,27 +184,6 @@ def _is_earlier_output(folder: Path) -> bool:
         return json.loads((folder / "summary.json").read_text()).get("command") == COMMAND_NAME
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _check_model_source(args: argparse.Namespace) -> None:
-    from backend.model_dir import read_manifest
-
-    if args.model is not None:
-        if not args.model.is_dir():
-            raise PredictError(f"model folder not found: {args.model}. Create one with `minigpt-pancreas "
-                               "import-upstream`, or pass the original files with --upstream VIT LLAMA CHECKPOINT.")
-        read_manifest(args.model)  # a folder without a readable manifest fails here, before the volume is read
-        return
-    for what, path in zip(("EVA ViT file", "LLaMA folder", "MiniGPT checkpoint"), args.upstream):
-        if not path.exists():
-            raise PredictError(f"--upstream: {what} not found: {path}.")
-
-
-def _load_engine(args: argparse.Namespace):
-    from backend.engine import load_engine
-
-    return load_engine(model_dir=args.model, upstream=args.upstream, image_size=args.image_size, device=args.device,
-                       dtype=None if args.dtype == "auto" else args.dtype, batch_size=args.batch_size)
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:

@@ -61,15 +61,17 @@ def write_outputs(folder: Path, view: geometry.ModelView, results: Sequence[tupl
     """Write every output file into `folder` (which exists) and return the summary written as summary.json.
 
     results: (model-view slice, `backend.engine.SliceResult`) pairs in slice order. details: the run's inputs
-    (command, volume, prompt, model, device, precision, image_variant, ...), copied into the summary.
+    (command, volume, prompt, model, device, precision, image_variant, ...), copied into the summary; the model
+    id also goes into answers.json and every ROI's description.
     """
     records = box_records(view, results, label)
     _write_csv(folder / "boxes.csv", records)
+    model = details["model"]
     markups.write_roi_markups(folder / "boxes.mrk.json", [
-        markups.RoiMarkup(r.center_ras, r.size_mm, r.name, f"MiniGPT-Pancreas, confidence {r.confidence:.2f}: "
-                          f"{r.answer}") for r in records])
+        markups.RoiMarkup(r.center_ras, r.size_mm, r.name, f"{model}, confidence {r.confidence:.2f}: {r.answer}")
+        for r in records])
     answers = [{"slice": s, **asdict(result)} for s, result in results]
-    _write_json(folder / "answers.json", {"prompt": details["prompt"], "slices": answers})
+    _write_json(folder / "answers.json", {"model": model, "prompt": details["prompt"], "slices": answers})
     overlays = _write_overlays(folder / "overlays", view, records, details["image_variant"])
     kinds = Counter(result.kind for _, result in results)
     yes_no = [result.yes for _, result in results if result.yes is not None]

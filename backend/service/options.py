@@ -56,7 +56,8 @@ class EngineVariants:
         if key not in self._siblings:
             self._siblings[key] = InferenceEngine(
                 engine.model, batch_size=engine.batch_size, box_decoding=options.box_decoding,
-                image_variant=options.image_variant, model_id=engine.model_id, precision=engine.precision)
+                image_variant=options.image_variant, model_id=engine.model_id, precision=engine.precision,
+                synthetic=engine.synthetic)
         return self._siblings[key]
 
     def run(self, engine: InferenceEngine, slices_hu: Sequence[np.ndarray], prompt: str,

@@ -57,7 +57,7 @@ def info(request: Request) -> JSONResponse:
         model_id=engine.model_id, api_version=p.API_VERSION, server_version=service.server_version,
         device=engine.device, precision=engine.precision, image_size=engine.image_size,
         max_new_tokens_limit=p.MAX_NEW_TOKENS_LIMIT, max_upload_bytes=service.limits.max_upload_bytes,
-        example_prompts=service.example_prompts))
+        example_prompts=service.example_prompts, synthetic=engine.synthetic))
 
 
 @api_router.post(p.ROUTE_QUERY, summary="Ask one question about one slice",

@@ -6,7 +6,7 @@ Output folder layout (OUT):
     OUT/<dataset>/records/<volume>.json           per-volume list of slice records (the resume marker)
     OUT/<dataset>/<NIH|MSD|ABD>_slices_info.json  all of a dataset's records in one list, as upstream's file
     OUT/splits.json                               the one split shared by every task (splits.py)
-    OUT/tasks/<task>_{train,test}.json            task sets (tasks.py)
+    OUT/tasks/<task>_{train,test}.json            task sets (tasks.py); also <task>_val.json with val_ratio > 0
     OUT/summary.json, OUT/problems.json           the Table-1-style summary; what could not be prepared
 The numbering, split, task and summary steps always run over EVERY volume finished in OUT, not only this
 run's, so datasets may be prepared one at a time into the same OUT. `slice_id` is upstream's 1-based counter
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from training.prepare.discovery import Discovery, VolumeSource, discover
 from training.prepare.files import (DATASETS, PrepareError, Problem, atomic_write_json, is_within, read_json)
-from training.prepare.splits import DUPLICATE_POLICIES, make_splits, moved_volumes, split_of
+from training.prepare.splits import DUPLICATE_POLICIES, make_splits, moved_volumes, split_names, split_of
 from training.prepare.summary import DEFAULT_THRESHOLDS, SliceCounter, format_table
 from training.prepare.tasks import TaskBuilder, write_tasks
 from training.prepare.volume_job import (INTENSITIES, LABEL_GEOMETRIES, VolumeOutcome, VolumeSettings, is_finished,
@@ -44,6 +44,7 @@ class PrepareOptions:
     settings: VolumeSettings = field(default_factory=VolumeSettings)
     threshold: float = 0.6
     test_ratio: float = 0.2
+    val_ratio: float = 0.0  # held-out TRAINING volumes for picking epochs; 0 writes no val split at all
     seed: int = 42
     duplicates: str = "same-split"
     organ_balance: bool = True
@@ -98,6 +99,9 @@ def _check_options(options: PrepareOptions) -> None:
     checks = [
         (0.0 <= options.threshold < 1.0, f"--threshold must be in [0, 1), got {options.threshold}"),
         (0.0 <= options.test_ratio < 1.0, f"--test-ratio must be in [0, 1), got {options.test_ratio}"),
+        (options.val_ratio >= 0.0 and options.test_ratio + options.val_ratio < 1.0,
+         f"--val-ratio must be >= 0 and leave volumes to train on (--test-ratio + --val-ratio < 1), got "
+         f"{options.val_ratio} with --test-ratio {options.test_ratio}"),
         (options.workers >= 1, f"--workers must be at least 1, got {options.workers}"),
         (options.duplicates in DUPLICATE_POLICIES, f"--duplicates must be one of {DUPLICATE_POLICIES}"),
         (options.settings.intensity in INTENSITIES, f"--intensity must be one of {INTENSITIES}"),
@@ -187,16 +191,16 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
     from tqdm import tqdm
 
     metas = _finished_metas(out, echo, options.settings)
-    document = make_splits(metas, options.seed, options.test_ratio, options.duplicates)
+    document = make_splits(metas, options.seed, options.test_ratio, options.duplicates, options.val_ratio)
     splits_file = out / "splits.json"
     if splits_file.is_file():
         moved = moved_volumes(read_json(splits_file), document)
         if moved:
             echo(f"warning: {len(moved)} volumes changed split since the last run ({', '.join(moved[:3])}...): "
-                 "models trained on the old split must not be evaluated on the new one.")
+                 "models trained on the old split must not be validated or evaluated on the new one.")
     atomic_write_json(splits_file, document, only_if_changed=True)
     split = split_of(document)
-    builder = TaskBuilder(options.threshold, options.seed, options.organ_balance)
+    builder = TaskBuilder(options.threshold, options.seed, options.organ_balance, split_names(options.val_ratio))
     counter = SliceCounter(options.summary_thresholds)
     next_id = {dataset: 1 for dataset in DATASETS}
     slices_info: dict[str, list[dict[str, Any]]] = {dataset: [] for dataset in DATASETS}
@@ -229,6 +233,8 @@ def _numbered_records(out: Path, dataset: str, volume: str, first_id: int) -> li
 
 
 def _options_json(options: PrepareOptions) -> dict[str, Any]:
+    # val_ratio only when used, so that a run without val writes the summary it always did
+    val = {"val_ratio": options.val_ratio} if options.val_ratio > 0 else {}
     return {"roots": options.roots, "out": options.out, **asdict(options.settings), "threshold": options.threshold,
-            "test_ratio": options.test_ratio, "seed": options.seed, "duplicates": options.duplicates,
+            "test_ratio": options.test_ratio, **val, "seed": options.seed, "duplicates": options.duplicates,
             "organ_balance": options.organ_balance, "summary_thresholds": list(options.summary_thresholds)}

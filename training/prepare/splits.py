@@ -1,4 +1,4 @@
-"""One seeded train/test split by volume, shared by every task and every stage of the cascade.
+"""One seeded train/test (and val) split by volume, shared by every task and every stage of the cascade.
 
 Upstream drew each task's split on its own and unseeded, so a tumour-test volume could train the pancreas
 detector of the same cascade (datasets.md, flaw 3). Here each volume gets ONE split, written to
@@ -14,19 +14,26 @@ Rules, in order:
    shuffled with `random.Random(f"{seed}/{dataset}")`; walking that order, a volume goes to test while the
    dataset has fewer than int(test_ratio * N) test volumes (upstream's count), else to train. A volume
    already placed through its group keeps that split (and counts).
-The split is a pure function of (volumes and their fingerprints, seed, test_ratio, duplicates): the same
-inputs give the same file, and adding AbdomenCT-1K never moves an NIH or MSD volume.
+4. With val_ratio > 0, walking the dataset's volumes in a second order, shuffled by its own stream
+   `random.Random(f"{seed}/{dataset}/val")`, a volume this dataset just put in train moves (with its group)
+   to val while the dataset has fewer than int(val_ratio * N) val volumes, at least 1 when it has 3 or more
+   train volumes. Val only ever takes from train, so the test split is the one val_ratio 0 gives. Val
+   volumes are held-out TRAINING volumes: the cascade picks its epochs on them and never looks at test.
+The split is a pure function of (volumes and their fingerprints, seed, test_ratio, val_ratio, duplicates): the
+same inputs give the same file, and adding AbdomenCT-1K never moves an NIH or MSD volume. With val_ratio 0
+the document has no val keys at all: it is byte for byte what it was before val existed.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 from training.prepare.files import DATASETS
 from training.prepare.fingerprint import is_near_duplicate
 
 DUPLICATE_POLICIES = ("same-split", "drop")
+Key = tuple[str, str]  # (dataset, volume)
 
 
 def duplicate_groups(metas: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
@@ -67,7 +74,13 @@ def duplicate_groups(metas: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
     return sorted(groups, key=lambda group: _order((group[0]["dataset"], group[0]["volume"])))
 
 
-def make_splits(metas: list[dict[str, Any]], seed: int, test_ratio: float, duplicates: str) -> dict[str, Any]:
+def split_names(val_ratio: float) -> tuple[str, ...]:
+    """The splits a run produces: train and test, plus val when val_ratio > 0."""
+    return ("train", "test", "val") if val_ratio > 0 else ("train", "test")
+
+
+def make_splits(metas: list[dict[str, Any]], seed: int, test_ratio: float, duplicates: str,
+                val_ratio: float = 0.0) -> dict[str, Any]:
     """The split document written to `OUT/splits.json` (see the module doc for the rules)."""
     groups = duplicate_groups(metas)
     group_of = {(m["dataset"], m["volume"]): [(g["dataset"], g["volume"]) for g in group]
@@ -77,29 +90,59 @@ def make_splits(metas: list[dict[str, Any]], seed: int, test_ratio: float, dupli
         dropped = [{"dataset": m["dataset"], "volume": m["volume"],
                     "duplicate_of": f"{group[0]['dataset']}/{group[0]['volume']}"} for group in groups for m in group[1:]]
     dropped_keys = {(d["dataset"], d["volume"]) for d in dropped}
-    assigned: dict[tuple[str, str], str] = {}
+    assigned: dict[Key, str] = {}
     splits: dict[str, dict[str, list[str]]] = {}
     for dataset in DATASETS:
-        names = sorted(m["volume"] for m in metas if m["dataset"] == dataset and (dataset, m["volume"]) not in
-                       dropped_keys)
-        if not names:
+        keys = sorted((dataset, m["volume"]) for m in metas
+                      if m["dataset"] == dataset and (dataset, m["volume"]) not in dropped_keys)
+        if not keys:
             continue
-        random.Random(f"{seed}/{dataset}").shuffle(names)
-        wanted_test = int(test_ratio * len(names))
-        for name in names:
-            if (dataset, name) not in assigned:
-                in_test = sum(assigned.get((dataset, n)) == "test" for n in names)
-                split = "test" if in_test < wanted_test else "train"
-                for member in group_of.get((dataset, name), [(dataset, name)]):
-                    assigned[member] = split
-        splits[dataset] = {split: sorted(n for n in names if assigned[(dataset, n)] == split)
-                           for split in ("train", "test")}
-    return {"seed": seed, "test_ratio": test_ratio, "duplicates": duplicates, "splits": splits,
+        placed_before = set(assigned)
+        _fill(_shuffled(keys, f"{seed}/{dataset}"), "test", int(test_ratio * len(keys)), assigned, group_of,
+              lambda key: key not in assigned)
+        for key in (k for k in keys if k not in assigned):
+            _place(key, "train", assigned, group_of)
+        if val_ratio > 0:
+            # only volumes placed by this dataset: a group placed by an earlier one must stay whole
+            _fill(_shuffled(keys, f"{seed}/{dataset}/val"), "val", _wanted_val(val_ratio, keys, assigned), assigned,
+                  group_of, lambda key: key not in placed_before and assigned[key] == "train")
+        splits[dataset] = {split: sorted(v for d, v in keys if assigned[(d, v)] == split)
+                           for split in split_names(val_ratio)}
+    ratios = {"test_ratio": test_ratio, **({"val_ratio": val_ratio} if val_ratio > 0 else {})}
+    return {"seed": seed, **ratios, "duplicates": duplicates, "splits": splits,
             "duplicate_groups": groups, "dropped": dropped}
 
 
+def _shuffled(keys: list[Key], stream: str) -> list[Key]:
+    order = list(keys)
+    random.Random(stream).shuffle(order)
+    return order
+
+
+def _fill(order: list[Key], split: str, wanted: int, assigned: dict[Key, str], group_of: dict[Key, list[Key]],
+          may_take: Callable[[Key], bool]) -> None:
+    """Walk `order`, putting each volume `may_take` accepts, with its group, into `split` while fewer than
+    `wanted` of the dataset's volumes are there (volumes placed earlier count)."""
+    for key in order:
+        if sum(assigned.get(k) == split for k in order) >= wanted:
+            return
+        if may_take(key):
+            _place(key, split, assigned, group_of)
+
+
+def _place(key: Key, split: str, assigned: dict[Key, str], group_of: dict[Key, list[Key]]) -> None:
+    for member in group_of.get(key, [key]):
+        assigned[member] = split
+
+
+def _wanted_val(val_ratio: float, keys: list[Key], assigned: dict[Key, str]) -> int:
+    """int(val_ratio * N), but at least 1 when the dataset has 3 or more train volumes to take it from."""
+    in_train = sum(assigned[key] == "train" for key in keys)
+    return max(int(val_ratio * len(keys)), 1 if in_train >= 3 else 0)
+
+
 def split_of(document: dict[str, Any]) -> dict[tuple[str, str], str]:
-    """{(dataset, volume): "train" | "test"} of a split document; dropped volumes are absent."""
+    """{(dataset, volume): "train" | "test" | "val"} of a split document; dropped volumes are absent."""
     return {(dataset, volume): split for dataset, by_split in document["splits"].items()
             for split, volumes in by_split.items() for volume in volumes}
 

@@ -3,7 +3,7 @@
 For every dataset, structure and split: the number of volumes, of slices, of slices showing the structure
 (`with`: at least one labelled pixel) and of slices whose box ratio is strictly above each threshold (the
 rule the task sets use). Written to `OUT/summary.json` together with the task-set sizes and the problems of
-the run, and printed as a table.
+the run, and printed as a table. With a val split (`--val-ratio`), val rows and columns sit between train and test.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from training.prepare.files import DATASETS, UPSTREAM_DATASET
 from training.prepare.records import ABD_ORGANS
 
 DEFAULT_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
+_SPLIT_ORDER = ("train", "val", "test")
 _TABLE_STRUCTURES = {"nih": ("pancreas",), "msd": ("pancreas", "tumor"), "abdomenct1k": ABD_ORGANS}
 
 
@@ -36,11 +37,11 @@ class SliceCounter:
                 row["above"][str(t)] += sum(1 for r in records if r[f"{structure}_bbox_ratio"] > t)
 
     def table(self) -> list[dict[str, Any]]:
-        """Rows sorted by dataset, structure, split (train before test)."""
+        """Rows sorted by dataset, structure, split (train, val, test)."""
 
         def order(key: tuple[str, str, str]) -> tuple:
             dataset, structure, split = key
-            return DATASETS.index(dataset), _TABLE_STRUCTURES[dataset].index(structure), split != "train"
+            return DATASETS.index(dataset), _TABLE_STRUCTURES[dataset].index(structure), _SPLIT_ORDER.index(split)
 
         return [self.rows[key] for key in sorted(self.rows, key=order)]
 
@@ -54,9 +55,10 @@ def format_table(rows: list[dict[str, Any]], thresholds: tuple[float, ...],
     text = ["Slices per split and box-ratio threshold (a slice counts when its ratio is > t):",
             _columns(headers, lines)]
     if task_counts:
+        splits = [split for split in _SPLIT_ORDER if any(split in counts for counts in task_counts.values())]
         text += ["", "Task sets (entries):",
-                 _columns(["task", "train", "test"],
-                          [[task, counts.get("train", 0), counts.get("test", 0)] for task, counts in task_counts.items()])]
+                 _columns(["task", *splits], [[task, *(counts.get(split, 0) for split in splits)]
+                                              for task, counts in task_counts.items()])]
     return "\n".join(text)
 
 

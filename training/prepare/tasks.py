@@ -1,4 +1,8 @@
-"""Task sets cut from the slice records and the shared split, written as `OUT/tasks/<task>_{train,test}.json`.
+"""Task sets cut from the slice records and the shared split, written as `OUT/tasks/<task>_<split>.json`.
+
+Splits are train and test, plus val when the split has one (`--val-ratio`): a val file is cut from the val
+volumes by exactly the rules of the train file (threshold, balancing, sampling), so a metric on it measures
+the task the stage trains on; val volumes appear in no train or test file.
 
 Each entry is the slice's record (upstream's keys and ours) plus `task`, `image` (PNG path relative to OUT),
 `answer` (the training target) and `q_id` (1..n per file); detection entries add `phrase` and `bbox`.
@@ -19,6 +23,7 @@ A slice is selected when its box ratio is strictly greater than `threshold` (ups
   pancreas box with PIL's exclusive right/bottom (the last row and column are lost) and written to
   `OUT/tasks/tumor_classification_upstream_crops/`; width/height are the crop's. It confounds hospital with
   label and uses an oracle crop (datasets.md, flaw 2). Crops with zero width or height are left out.
+  Its val file pairs the val entries of the two sets it is derived from, like its train and test files.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from typing import Any
 from training.prepare.files import atomic_save_png, atomic_write_json
 from training.prepare.records import ABD_ORGANS
 
-SPLITS = ("train", "test")
 TC_UPSTREAM = "tumor_classification_upstream"
 _PHRASES = {"pancreas": "pancreas", "tumor": "pancreatic tumor"}
 _ABD_KEYS = ("dataset", "volume_name", "slice_id", "slice_index", "slice_count", "width", "height", "volume",
@@ -40,8 +44,10 @@ _ABD_KEYS = ("dataset", "volume_name", "slice_id", "slice_index", "slice_count",
 class TaskBuilder:
     """Collects task entries volume by volume (records need not all fit in memory at once)."""
 
-    def __init__(self, threshold: float, seed: int, organ_balance: bool = True) -> None:
+    def __init__(self, threshold: float, seed: int, organ_balance: bool = True,
+                 splits: tuple[str, ...] = ("train", "test")) -> None:
         self.threshold, self.seed, self.organ_balance = threshold, seed, organ_balance
+        self.splits = splits  # every task gets one file per split, even an empty one
         self.entries: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def add_volume(self, dataset: str, volume: str, split: str, records: list[dict[str, Any]]) -> None:
@@ -68,7 +74,7 @@ class TaskBuilder:
         return {task: self.entries[task] for task in sorted(self.entries)}
 
     def _add(self, task: str, split: str, entries: list[dict[str, Any]]) -> None:
-        by_split = self.entries.setdefault(task, {name: [] for name in SPLITS})
+        by_split = self.entries.setdefault(task, {name: [] for name in self.splits})
         by_split[split].extend(entries)
 
     def _rng(self, *parts: str) -> random.Random:
@@ -121,7 +127,7 @@ class TaskBuilder:
         return [entries[index] for index in kept]
 
     def _tumor_classification_upstream(self) -> None:
-        for split in SPLITS:
+        for split in self.splits:
             positives = self.entries["tumor_detection_msd"][split]
             negatives = self.entries["pancreas_detection_nih"][split]
             drawn = self._rng(TC_UPSTREAM, split).sample(negatives, min(len(positives), len(negatives)))
@@ -149,13 +155,17 @@ def _crop_entry(entry: dict, answer: str) -> dict[str, Any]:
 
 
 def write_tasks(out: Path, tasks: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, int]]:
-    """Write every task file (and the upstream TC crops); return {task: {split: count}}."""
+    """Write every task file (and the upstream TC crops), remove stale val files; return {task: {split: count}}."""
     counts = {}
     for task, by_split in tasks.items():
         for split, entries in by_split.items():
             if task == TC_UPSTREAM:
                 _write_crops(out, entries)
             atomic_write_json(out / "tasks" / f"{task}_{split}.json", entries, only_if_changed=True)
+        if "val" not in by_split:
+            # left by an earlier run with --val-ratio: its volumes are now in train, so epochs picked on it would
+            # be picked on training data
+            (out / "tasks" / f"{task}_val.json").unlink(missing_ok=True)
         counts[task] = {split: len(entries) for split, entries in by_split.items()}
     return counts
 

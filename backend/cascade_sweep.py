@@ -1,0 +1,55 @@
+"""The questions of the MiniGPT-Pancreas cascade, asked of every slice of a volume.
+
+The paper's cascade is three models in a row; a fine-tuned model of this project answers all three questions,
+so a sweep asks them in order, each with upstream's evaluation prompt:
+  1. where is the pancreas?            (every slice)
+  2. does the pancreas contain a tumor? (every slice; the answer comes with P(yes) from the first-token logits)
+  3. where is the pancreatic tumor?     (only the slices answered "yes" in 2)
+`minigpt-pancreas predict --cascade` and `minigpt-pancreas demo` both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend import prompts
+
+PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)
+TUMOUR_QUESTION = prompts.TC_EVAL_PROMPT
+TUMOUR_BOX_QUESTION = prompts.refer_eval_instruction(prompts.TUMOR_PHRASE)
+QUESTIONS = {"pancreas": PANCREAS_QUESTION, "tumour_yes_no": TUMOUR_QUESTION, "tumour": TUMOUR_BOX_QUESTION}
+
+
+@dataclass(frozen=True)
+class CascadeAnswers:
+    """The answers about one slice (`backend.answers.SliceResult` each)."""
+
+    pancreas: object
+    tumour_yes_no: object
+    tumour: object | None  # None where the yes/no answer was not "yes"
+
+    @property
+    def tumour_said(self) -> bool:
+        return bool(self.tumour_yes_no.yes)
+
+
+def sweep_cascade(engine, slices_hu: Sequence[np.ndarray], *, max_new_tokens: int = 20,
+                  progress: Callable[[int, int], None] | None = None) -> list[CascadeAnswers]:
+    """Ask the cascade's questions of every model-view HU slice; `progress(done, total)` counts answers."""
+    slices = list(slices_hu)
+    total = 2 * len(slices)
+
+    def step(offset: int) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, _: progress(offset + done, total))
+
+    pancreas = engine.run(slices, PANCREAS_QUESTION, max_new_tokens=max_new_tokens, progress=step(0))
+    yes_no = engine.run(slices, TUMOUR_QUESTION, max_new_tokens=max_new_tokens, progress=step(len(slices)))
+    positive = [index for index, result in enumerate(yes_no) if result.yes]
+    total += len(positive)
+    tumours = engine.run([slices[i] for i in positive], TUMOUR_BOX_QUESTION, max_new_tokens=max_new_tokens,
+                         progress=step(2 * len(slices))) if positive else []
+    tumour_of = dict(zip(positive, tumours))
+    return [CascadeAnswers(p, q, tumour_of.get(index)) for index, (p, q) in enumerate(zip(pancreas, yes_no))]

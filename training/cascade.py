@@ -1,0 +1,203 @@
+"""`minigpt-pancreas-train cascade CASCADE.json`: the whole cascaded fine-tune, from data to an exported model.
+
+Steps, each resumable (a stopped run continues with the same command):
+  1. data: for a synthetic cascade, write the phantom datasets in the public layouts and `prepare` them (with a
+     validation split of held-out training volumes); otherwise check the given prepared folder;
+  2. the stages in order: `fit` (resumed at the step it stopped), then every saved epoch's model answers the
+     stage's validation tasks, and the best-scoring epoch is chosen; a stage that starts from another starts from
+     that stage's chosen epoch (never from a test-split score);
+  3. `evaluate` the final stage's chosen model on the test split;
+  4. `export` it as a self-contained model folder, with the evaluation report beside it.
+`OUTPUT_DIR/cascade_state.json` records what is finished: validation scores per epoch, chosen epochs.
+The layout of a stage is a fit run folder (`OUTPUT_DIR/stages/<name>/`), validation answers under its
+`validation/epoch_<N>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from training.cascade_config import CascadeConfig, StageSpec
+from training.config import model_dir_name
+
+STATE_FILE = "cascade_state.json"
+EVALUATION_FOLDER = "evaluation"
+Say = Callable[[str], None]
+
+
+class CascadeState:
+    """What a cascade run has finished, saved after every change (so a crash loses at most the step in flight)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {"scores": {}})
+
+    def save(self) -> None:
+        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+
+
+def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -> dict[str, Any]:
+    """Run (or resume) the cascade; return the final state."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    state = CascadeState(config.output_dir / STATE_FILE)
+    started = time.monotonic()
+    _prepare_data(config, say)
+    for number, stage in enumerate(config.stages, 1):
+        say(f"[cascade] stage {number}/{len(config.stages)} {stage.name}: "
+            f"{'done' if state.stage(stage.name).get('chosen_epoch') is not None else 'running'}")
+        _run_stage(config, stage, state, device, say)
+    final = state.stage(config.final)
+    model_dir = config.stage_dir(config.final) / model_dir_name(final["chosen_epoch"])
+    metrics = _evaluate_final(config, model_dir, device, say)
+    if config.export:
+        _export(config, model_dir, say)
+    state.data.update(final_model=str(model_dir), minutes=round((time.monotonic() - started) / 60, 1))
+    state.save()
+    say(f"[cascade] finished: final model {model_dir}")
+    return {**state.data, "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def _prepare_data(config: CascadeConfig, say: Say) -> None:
+    if config.phantoms is None:
+        if not (config.prepared / "tasks").is_dir():
+            raise_error(f"data.prepared {config.prepared} holds no tasks/ folder: run `minigpt-pancreas-train "
+                        "prepare` (with --val-ratio) first.")
+        return
+    from training.demo_data import write_phantom_datasets
+    from training.prepare.pipeline import PrepareOptions, run_prepare
+
+    say(f"[cascade] data: writing phantom datasets {config.phantoms}")
+    roots = write_phantom_datasets(config.output_dir / "raw", config.phantoms, progress=None)
+    options = {key: value for key, value in config.prepare.items()}
+    report = run_prepare(PrepareOptions(roots={k: str(v) for k, v in roots.items()}, out=str(config.prepared),
+                                        progress=False, **options), echo=lambda line: None)
+    if report.problems:
+        raise_error(f"prepare could not read {len(report.problems)} synthetic volume(s): {report.problems[:2]}")
+    say(f"[cascade] data: prepared {config.prepared}")
+
+
+# -------------------------------------------------------------------------------------------------- stages
+
+def _run_stage(config: CascadeConfig, stage: StageSpec, state: CascadeState, device: str, say: Say) -> None:
+    from training.fit import fit
+
+    record = state.stage(stage.name)
+    if record.get("chosen_epoch") is not None:
+        return
+    start = stage.start
+    if isinstance(start, str):
+        start = {"previous_stage": str(config.stage_dir(start)), "epoch": state.stage(start)["chosen_epoch"]}
+    fit_config = config.fit_config(stage, start)
+    if device != "auto":
+        fit_config = _with(fit_config, device=device)
+    latest = _latest(config.stage_dir(stage.name))
+    if latest is None or latest["step"] < fit_config.last_step:
+        fit(fit_config, resume=True)
+    for epoch in range(fit_config.last_step // fit_config.iters_per_epoch
+                       + bool(fit_config.last_step % fit_config.iters_per_epoch)):
+        if str(epoch) not in record["scores"]:
+            record["scores"][str(epoch)] = _validate(config, stage, epoch, device)
+            state.save()
+            say(f"[cascade] {stage.name} epoch {epoch}: validation score {record['scores'][str(epoch)]:.4f}")
+    best = max(record["scores"], key=lambda epoch: (record["scores"][epoch], -int(epoch)))  # ties: the earliest
+    record["chosen_epoch"] = int(best)
+    state.save()
+    say(f"[cascade] {stage.name}: chose epoch {best} (validation score {record['scores'][best]:.4f})")
+
+
+def _validate(config: CascadeConfig, stage: StageSpec, epoch: int, device: str) -> float:
+    """Mean over the stage's select tasks of STRICT mean IoU (detection) / strict balanced accuracy (yes/no),
+    on the validation split, answered by the model of `epoch`."""
+    from training.evaluate import load_task, predict_task
+    from training.evaluate_scoring import score_all
+
+    stage_dir = config.stage_dir(stage.name)
+    engine = _engine(stage_dir / model_dir_name(epoch), device, config.evaluate.get("batch_size", 16))
+    out = stage_dir / "validation" / f"epoch_{epoch}"
+    tasks = [load_task(config.prepared, name, stage.select_limit, split="val") for name in stage.select_tasks]
+    for task in tasks:
+        predict_task(engine, config.prepared, out, task)
+    predictions = {task.name: _answers(out, task) for task in tasks}
+    metrics, _ = score_all(tasks, predictions)
+    return sum(_task_score(metrics["tasks"][task.name]) for task in tasks) / len(tasks)
+
+
+def _task_score(result: dict[str, Any]) -> float:
+    if result.get("kind") == "yes_no":
+        return float(result["rules"]["strict"]["balanced_accuracy"] or 0.0)
+    return float(result["variants"]["STRICT"]["mean_iou"] or 0.0)
+
+
+def _answers(out: Path, task) -> dict[int, dict[str, Any]]:
+    from training.evaluate import checked_predictions
+
+    return checked_predictions(out, task)
+
+
+def _latest(stage_dir: Path) -> dict[str, Any] | None:
+    latest = stage_dir / "latest.json"
+    return json.loads(latest.read_text()) if latest.is_file() else None
+
+
+def _with(fit_config, **changes):
+    from dataclasses import replace
+
+    return replace(fit_config, **changes)
+
+
+def _engine(model_dir: Path, device: str, batch_size: int):
+    from backend.engine import InferenceEngine
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return InferenceEngine.from_model_dir(model_dir, device=device, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------ evaluate, export
+
+def _evaluate_final(config: CascadeConfig, model_dir: Path, device: str, say: Say) -> dict[str, Any]:
+    from backend.model_dir import read_manifest
+    from training.evaluate import evaluate, run_settings
+
+    out = config.output_dir / EVALUATION_FOLDER
+    manifest = read_manifest(model_dir)
+    settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", str(model_dir), config.prepared)
+    engine = _engine(model_dir, device, config.evaluate.get("batch_size", 16))
+    settings.update(device=engine.device, precision=engine.precision)
+    say(f"[cascade] evaluate {model_dir.parent.name}/{model_dir.name} on the test split -> {out}")
+    return evaluate(engine, config.prepared, out, settings, config.evaluate.get("tasks"),
+                    limit=config.evaluate.get("limit"))
+
+
+def _export(config: CascadeConfig, model_dir: Path, say: Say) -> None:
+    from training.export import export_model
+
+    target = Path(config.export["out"])
+    options = {key: config.export[key] for key in ("model_id", "description", "synthetic") if key in config.export}
+    export_model(model_dir, target, force=True, **options)
+    report = target.parent / "report"
+    staging = report.with_name(".report-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(config.output_dir / EVALUATION_FOLDER, staging, ignore=shutil.ignore_patterns("predictions"))
+    shutil.rmtree(report, ignore_errors=True)
+    staging.rename(report)
+    say(f"[cascade] exported {target} (report: {report})")
+
+
+def raise_error(message: str) -> None:
+    from training.cascade_config import CascadeConfigError
+
+    raise CascadeConfigError(message)
