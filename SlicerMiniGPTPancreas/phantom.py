@@ -31,9 +31,9 @@ from SlicerMiniGPTPancreas.phantom_anatomy import (  # noqa: F401
 )
 
 __all__ = [
-    "ORIENTATIONS", "FOV_CENTRE_RAS", "PhantomError", "Phantom", "make_phantom", "reorient", "direction_lps",
-    "sample_scan_parameters", "sample_noise_hu", "MAX_SCAN_VOXELS", "LIVER", "KIDNEYS", "SPLEEN", "PANCREAS", "MSD_PANCREAS",
-    "MSD_TUMOUR", "KIDNEY_RIGHT", "KIDNEY_LEFT",
+    "ORIENTATIONS", "FOV_CENTRE_RAS", "MAX_SCAN_VOXELS", "PhantomError", "Phantom", "make_phantom", "reorient",
+    "direction_lps", "sample_scan_parameters", "sample_noise_hu", "LIVER", "KIDNEYS", "SPLEEN", "PANCREAS",
+    "MSD_PANCREAS", "MSD_TUMOUR", "KIDNEY_RIGHT", "KIDNEY_LEFT",
 ]
 
 ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "ASL", "LSP")
@@ -129,14 +129,14 @@ def _positive_triple(name: str, value) -> np.ndarray:
 
 def make_phantom(seed: int = 0, *, size_mm=(288.0, 288.0, 200.0), spacing=(3.0, 3.0, 5.0), tumour: bool = True,
                  orientation: str = "LPS", origin=None, noise_hu: float = 12.0) -> Phantom:
-    """Build a seeded synthetic abdominal CT.
+    """Build a seeded synthetic abdominal CT (`sample_scan_parameters(seed)` gives a realistic, varied grid).
 
     size_mm: field of view along the PATIENT axes (left-right, anterior-posterior, superior-inferior).
     spacing: voxel size along the STORAGE axes (i, j, k) = (col, row, slice); the grid has
         round(size / spacing) voxels along each storage axis.
     origin: RAS mm of voxel (0, 0, 0)'s centre; None centres the grid on FOV_CENTRE_RAS.
     tumour: add a hypo-attenuating mass inside the pancreas (MSD label 2). The anatomy does not depend on it.
-    noise_hu: standard deviation of the Gaussian noise (0 gives noise-free HU).
+    noise_hu: standard deviation of the Gaussian noise (0 gives noise-free HU; `sample_noise_hu` draws one).
     """
     seed = _check_seed(seed)
     orientation = _check_orientation(orientation)

@@ -129,23 +129,22 @@ class _Torso:
 
 def draw_anatomy(seed: int, centre_ras: np.ndarray) -> Anatomy:
     """Draw one patient from `seed`, lying near `centre_ras`; the result does not depend on any voxel grid."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream: reordering the draws below changes every seed's patient
     torso = _draw_torso(rng, np.asarray(centre_ras, float))
-    ai, bi = torso.cavity
     organs = _draw_organs(rng, torso)
     head, body, tail, radii = _draw_pancreas(rng, torso, organs)
     curve, radius = _pancreas_curve(head, body, tail, radii, np.linspace(0.0, 1.0, _PANCREAS_SAMPLES))
     duodenum = Ellipsoid(tuple(head + [radii[0] + 10.0, 0.0, -5.0]), (9.0, 10.0, 35.0))  # C-loop round the head
-    inf = np.inf
+    bowel = _draw_bowel(rng, curve, radius, duodenum)
+    tumour = _draw_tumour(rng, head, body, tail, radii)
+    hu = _draw_hu(rng)
+    (ai, bi), inf = torso.cavity, np.inf
     return Anatomy(
         body=Ellipsoid(torso.at(0, 0, 0), (torso.half_width, torso.half_depth, inf)),
         muscle=Ellipsoid(torso.at(0, 0, 0), (torso.half_width - torso.fat, torso.half_depth - torso.fat, inf)),
         cavity=Ellipsoid(torso.at(0, 0, 0), (ai, bi, inf)),
-        duodenum=duodenum,
-        bowel=_draw_bowel(rng, curve, radius, duodenum),
+        duodenum=duodenum, bowel=bowel, tumour=tumour, hu=hu,
         pancreas=tuple(Ellipsoid(tuple(c), (r, r, 0.8 * r)) for c, r in zip(curve, radius)),
-        tumour=_draw_tumour(rng, head, body, tail, radii),
-        hu=_draw_hu(rng),
         **organs,
     )
 

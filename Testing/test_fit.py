@@ -309,7 +309,7 @@ def test_float16_on_cpu_is_refused_with_advice(upstream, prepared, tmp_path):
 def test_example_configs_chain_the_cascade_with_upstreams_settings():
     folder = Path(__file__).resolve().parents[1] / "training" / "configs"
     configs = {path.stem: parse_config(json.loads(path.read_text()), folder, path.name)
-               for path in folder.glob("*.json")}
+               for path in folder.glob("*.json") if path.stem != "cascade"}  # cascade.json: test_cascade.py
     assert set(configs) == {"pancreas_detection", "tumor_classification", "tumor_detection", "multi_organ"}
     for config in configs.values():
         assert (config.init_lr, config.min_lr, config.warmup_lr, config.warmup_steps, config.weight_decay,

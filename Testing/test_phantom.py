@@ -14,7 +14,7 @@ from SlicerMiniGPTPancreas.phantom import (
     sample_noise_hu, sample_scan_parameters,
 )
 from SlicerMiniGPTPancreas.phantom_anatomy import (
-    PANCREAS_LENGTH_MM, PANCREAS_RADII_MM, TISSUE_HU, TUMOUR_CONTRAST_HU, draw_anatomy,
+    BOWEL_HU, PANCREAS_LENGTH_MM, PANCREAS_RADII_MM, TISSUE_HU, TUMOUR_CONTRAST_HU, draw_anatomy,
 )
 
 SMALL = dict(size_mm=(192.0, 192.0, 60.0), spacing=(4.0, 4.0, 6.0))  # 48 x 48 x 10: quick to write as files
@@ -191,7 +191,7 @@ def test_different_seeds_give_different_patients():
     np.testing.assert_array_equal(make_phantom(1).hu, make_phantom(1).hu)  # but each seed is reproducible
 
 
-# ---------------------------------------------------------------- variability: patients and scans differ as real CT does
+# ---------------------------------------------------------------- variability: patients and scans differ like real CT
 
 SEEDS = range(40)
 PATIENTS = [draw_anatomy(seed, np.asarray(FOV_CENTRE_RAS)) for seed in range(200)]  # shapes only: cheap
@@ -227,10 +227,10 @@ def test_body_size_position_and_fat_vary_between_patients():
 
 def test_organ_sizes_and_positions_vary_between_patients():
     for organ in ("liver", "spleen"):
-        relative = [getattr(p, organ).semi[2] for p in PATIENTS] / np.mean([getattr(p, organ).semi[2] for p in PATIENTS])
-        low, high = spread(relative)
+        height = np.array([getattr(p, organ).semi[2] for p in PATIENTS])
+        low, high = spread(height / height.mean())
         assert low < 0.8 and high > 1.2, organ  # +-25 % in size
-        # Position relative to the body centre, in mm: moved by up to 10-15 mm beyond what the cavity explains.
+        # Height relative to the body: from patient to patient the organ sits 10-15 mm higher or lower.
         offset = [np.subtract(getattr(p, organ).centre, p.body.centre)[2] for p in PATIENTS]
         assert np.ptp(offset) > 18, organ
     kidney_depth = [p.kidneys[KIDNEY_LEFT][0].semi[2] for p in PATIENTS]
@@ -279,12 +279,12 @@ def test_bowel_loops_lie_beside_the_pancreas_without_covering_it():
         assert 3 <= len(p.bowel) <= 8
         gaps = [min(segment_gap(loop.wall, part) for part in p.pancreas) for loop in p.bowel]
         assert min(gaps) >= 0.9 and min(gaps) < 10  # clear of the gland, yet beside it
-        assert all(TISSUE_HU["duodenum"][0] <= loop.hu <= TISSUE_HU["duodenum"][1] for loop in p.bowel)
+        assert all(BOWEL_HU[0] <= loop.hu <= BOWEL_HU[1] for loop in p.bowel)
     assert 0.2 < np.mean([loop.gas is not None for p in PATIENTS for loop in p.bowel]) < 0.6
 
 
 @pytest.mark.parametrize("seed", [0, 6])
-def test_rendered_bowel_is_unlabelled_and_touches_no_pancreas_voxel(seed):
+def test_rendered_bowel_is_unlabelled_beside_but_never_over_the_pancreas(seed):
     phantom = make_phantom(seed, noise_hu=0)
     anatomy = phantom.anatomy
     k, j, i = np.indices(phantom.shape)
@@ -386,7 +386,8 @@ def test_the_same_seed_is_the_same_patient_on_any_grid():
     assert scanned.anatomy == default.anatomy == PATIENTS[seed]
     voxel = np.maximum(np.abs(scanned.ijk_to_ras[:3, :3]).sum(1), np.abs(default.ijk_to_ras[:3, :3]).sum(1))
     for name in ("pancreas", "tumour", "kidney_left"):
-        difference = centroid_ras(organ_masks(scanned)[name], scanned) - centroid_ras(organ_masks(default)[name], default)
+        difference = (centroid_ras(organ_masks(scanned)[name], scanned)
+                      - centroid_ras(organ_masks(default)[name], default))
         assert np.all(np.abs(difference) <= voxel), (name, difference)
 
 

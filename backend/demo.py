@@ -1,150 +1,139 @@
-"""`minigpt-pancreas demo`: the main job on the embedded default, a synthetic abdominal CT.
+"""`minigpt-pancreas demo`: the main job on the embedded default, the bundled demo model and a synthetic CT.
 
-What it does, end to end, with the same code the Slicer module and the service use:
-  1. builds a seeded CT phantom (pancreas with a tumour) stored in a chosen file orientation, writes it as NIfTI;
-  2. reads the file back with SimpleITK and reorients it to the model view (radiological axial slices);
-  3. turns every slice that holds pancreas into the exact 8-bit image the model consumes;
-  4. gets an answer per slice in the model's box grammar, parses it, maps the box back to pixels and to
-     patient coordinates (RAS), and scores it against the phantom's truth;
-  5. writes the slices, overlays, a CSV of boxes in RAS and a JSON summary, all at once (no half-written output).
-
-No trained demo model is bundled yet, so step 4's answers are the ground truth rendered in the model's grammar:
-the run exercises everything around the model, and its IoU shows what the 0-100 box grid alone costs.
+End to end, through the same code as `minigpt-pancreas predict --cascade`:
+  1. draws a synthetic abdominal CT with a pancreatic tumour (a seed the demo model never saw in training; matrix,
+     field of view, slice thickness and storage orientation drawn like any scan) and writes it with its labels as
+     NIfTI files;
+  2. reads the CT file back and shows it to the model as radiological axial slices (`predict.read_volume`);
+  3. asks the cascade's questions of every slice with the bundled demo model: the pancreas box, tumour yes/no with
+     P(yes), and the tumour box where the answer is yes (`backend.cascade_sweep`);
+  4. writes boxes.csv, boxes.mrk.json, answers.json, overlays (truth green, pancreas red, tumour orange) and
+     summary.json, all at once (a failed run leaves the previous output as it was);
+  5. scores the answers against the phantom's truth under the strict protocol: pancreas IoU over every slice
+     with pancreas (no box = 0), tumour yes/no accuracy over those slices, tumour IoU over every slice with tumour.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from backend.output_folder import staged_folder
 
-ANSWER_SOURCE = "ground truth rendered in the model's box grammar (no trained demo model is bundled yet)"
-OVERLAY_COUNT = 3
-DEMO_SIZE_MM = (358.4, 358.4, 200.0)  # left-right, anterior-posterior, inferior-superior
-DEMO_SPACING_MM = (0.7, 0.7, 5.0)  # -> 512 x 512 x 40 voxels
+DEFAULT_SEED = 7  # the demo cascade trains on seeds >= 100000, so this patient is unseen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from SlicerMiniGPTPancreas.phantom import ORIENTATIONS
+    from backend.commands.model_options import add_model_arguments
 
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (replaced whole)")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument(
-        "--orientation", choices=ORIENTATIONS, default="RAS",
-        help="storage orientation of the synthetic file (default RAS, as NIfTI files often are)",
-    )
-    parser.add_argument(
-        "--decode", choices=("center", "floor"), default="center",
-        help="map grid values to the centre of their cell (default) or floor them as upstream did",
-    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"synthetic patient and scan (default {DEFAULT_SEED}; any seed below 100000 is unseen)")
+    parser.add_argument("--orientation", default=None, metavar="CODE",
+                        help="store the CT in this axis-aligned orientation (LPS, RAS, LAS, RPI, ASL, LSP...) instead "
+                             "of the one drawn with the scan; the answers must not change")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from backend.commands.model_options import engine_from_args, resolve_model_source
+
+    started = time.perf_counter()
     out = Path(args.out).absolute()
+    resolve_model_source(args)  # prints which model, first
+    engine = engine_from_args(args)
     with staged_folder(out) as folder:
-        summary = _run_into(folder, args)
+        summary = _run_into(folder, engine, args.seed, args.orientation, started)
     _print_summary(summary, out)
     return 0
 
 
-def _run_into(folder: Path, args: argparse.Namespace) -> dict:
+def _run_into(folder: Path, engine, seed: int, orientation: str | None, started: float) -> dict:
     import SimpleITK as sitk
 
-    from SlicerMiniGPTPancreas import geometry, grammar, metrics, phantom, phantom_writers, preprocess
+    from backend.commands.cascade_outputs import write_cascade_outputs
+    from backend.commands.predict import read_volume, sweep_volume
+    from backend.commands.predict_outputs import write_json
+    from SlicerMiniGPTPancreas import geometry, phantom, phantom_writers
 
-    # A clinical 512 x 512 in-plane grid, so the 0-100 answer grid costs what it costs on real CT.
-    ct = phantom.make_phantom(seed=args.seed, orientation=args.orientation, tumour=True,
-                              size_mm=DEMO_SIZE_MM, spacing=DEMO_SPACING_MM)
+    ct = phantom.make_phantom(seed, tumour=True, **phantom.sample_scan_parameters(seed))
+    if orientation is not None:
+        ct = phantom.reorient(ct, orientation)  # the same voxels, transposed and flipped
     ct_path, labels_path = folder / "phantom_ct.nii.gz", folder / "phantom_labels.nii.gz"
     sitk.WriteImage(phantom_writers.to_sitk_image(ct), str(ct_path), True)
     sitk.WriteImage(phantom_writers.to_sitk_labels(ct), str(labels_path), True)
-
-    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(sitk.ReadImage(str(ct_path))))
-    label_view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(sitk.ReadImage(str(labels_path))))
-
-    (folder / "slices").mkdir()
-    rows, ious = [], []
-    for s in range(view.shape[0]):
-        truth = geometry.mask_box(np.isin(label_view.slice(s), (1, 2)))  # pancreas incl. tumour
-        if truth is None:
-            continue
-        rgb = preprocess.hu_slice_to_rgb(view.slice(s))  # [R, C, 3] uint8
-        height, width = rgb.shape[:2]
-        answer = grammar.render_box(truth, width, height)
-        parsed = grammar.parse_answer(answer)
-        box = grammar.grid_to_pixels(parsed.grid_boxes[0], width, height, mode=args.decode)
-        iou = metrics.box_iou(box, truth, convention="plus_one")  # pixel extents, as the strict protocol
-        center, size = view.box_to_ras(box, s)
-        ious.append(iou)
-        rows.append(_row(s, answer, box, truth, iou, center, size))
-        _save_png(rgb, folder / "slices" / f"phantom_slice_{s}.png")
-
-    _write_csv(folder / "boxes_ras.csv", rows)
-    overlays = _write_overlays(folder, rows)
-    summary = {
-        "phantom": {"seed": args.seed, "orientation": args.orientation, "spacing_mm": list(view.spacing)},
-        "model_view_shape": list(view.shape),
-        "answer_source": ANSWER_SOURCE,
-        "decode": args.decode,
-        "slices_with_pancreas": len(rows),
-        "mean_iou": float(np.mean(ious)) if ious else None,
-        "overlays": overlays,
-    }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(ct_path)))
+    labels = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(labels_path)))
+    slices = range(view.shape[0])
+    answers = sweep_volume(engine, view, slices)
+    truth = [_truth(labels.slice(s)) for s in slices]
+    details = {"command": "minigpt-pancreas demo", "volume": str(ct_path), "prompt": "cascade",
+               "model": engine.model_id, "synthetic_model": engine.synthetic, "device": engine.device,
+               "precision": engine.precision, "image_variant": engine.image_variant,
+               "box_decoding": engine.box_decoding,
+               "phantom": {"seed": seed, "orientation": ct.orientation, "shape_kji": list(ct.shape),
+                           "spacing_mm": [round(v, 3) for v in ct.spacing]}}
+    shown = {s: [box for box in pair if box is not None] for s, pair in zip(slices, truth) if any(pair)}
+    summary = write_cascade_outputs(folder, view, list(slices), answers, details=details,
+                                    seconds=time.perf_counter() - started, truth=shown)
+    summary["scores"] = score_against_truth(answers, truth)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(folder / "summary.json", summary)
     return summary
 
 
-def _row(s, answer, box, truth, iou, center, size) -> dict:
+def _truth(label_slice: np.ndarray):
+    """(pancreas box incl. tumour, tumour box) of one model-view label slice (MSD labels: 1 pancreas, 2 tumour)."""
+    from SlicerMiniGPTPancreas import geometry
+
+    return geometry.mask_box(np.isin(label_slice, (1, 2))), geometry.mask_box(label_slice == 2)
+
+
+def score_against_truth(answers, truth) -> dict:
+    """Strict scores: every slice with the structure counts, a missing box scores 0."""
+    from SlicerMiniGPTPancreas import metrics
+
+    def iou(result, box) -> float:
+        if result is None or not result.boxes:
+            return 0.0
+        return metrics.box_iou(result.boxes[0].box, box, convention="plus_one")
+
+    pancreas = [iou(a.pancreas, t[0]) for a, t in zip(answers, truth) if t[0] is not None]
+    tumour = [iou(a.tumour, t[1]) for a, t in zip(answers, truth) if t[1] is not None]
+    said = [(bool(a.tumour_said), t[1] is not None) for a, t in zip(answers, truth) if t[0] is not None]
+    positives = [s for s, truly in said if truly]
+    negatives = [not s for s, truly in said if not truly]
+    recall = float(np.mean(positives)) if positives else None
+    specificity = float(np.mean(negatives)) if negatives else None
     return {
-        "slice": s, "answer": answer,
-        "x_min": round(box[0], 2), "y_min": round(box[1], 2), "x_max": round(box[2], 2), "y_max": round(box[3], 2),
-        "truth": list(truth), "iou": round(iou, 4),
-        "center_r": round(center[0], 2), "center_a": round(center[1], 2), "center_s": round(center[2], 2),
-        "size_r": round(size[0], 2), "size_a": round(size[1], 2), "size_s": round(size[2], 2),
+        "pancreas_iou": _mean(pancreas), "pancreas_slices": len(pancreas),
+        "tumour_iou": _mean(tumour), "tumour_slices": len(tumour),
+        "tumour_yes_no_accuracy": _mean([float(s == truly) for s, truly in said]),
+        "tumour_yes_no_balanced_accuracy": None if recall is None or specificity is None
+        else (recall + specificity) / 2,
+        "tumour_sensitivity": recall, "tumour_specificity": specificity,
     }
 
 
-def _save_png(rgb: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(rgb, mode="RGB").save(path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slice"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_overlays(folder: Path, rows: list[dict]) -> list[str]:
-    """Draw truth (green) and decoded box (red) on the slices with the largest pancreas, scaled up for viewing."""
-    from PIL import Image
-
-    from backend.overlays import PREDICTION_COLOR, TRUTH_COLOR, OverlayBox, draw_overlay
-
-    largest = sorted(rows, key=lambda r: -(r["truth"][2] - r["truth"][0]) * (r["truth"][3] - r["truth"][1]))
-    names = []
-    for row in largest[:OVERLAY_COUNT]:
-        image = Image.open(folder / "slices" / f"phantom_slice_{row['slice']}.png")
-        box = [row["x_min"], row["y_min"], row["x_max"], row["y_max"]]
-        overlay = draw_overlay(image, [OverlayBox(row["truth"], TRUTH_COLOR), OverlayBox(box, PREDICTION_COLOR)])
-        name = f"overlay_slice_{row['slice']}.png"
-        overlay.save(folder / name)
-        names.append(name)
-    return names
+def _mean(values) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    print("MiniGPT-Pancreas demo on a synthetic abdominal CT")
-    print(f"  phantom: seed {summary['phantom']['seed']}, stored {summary['phantom']['orientation']}, "
-          f"model view {summary['model_view_shape']} (slices, rows, cols)")
-    print(f"  answers: {summary['answer_source']}")
-    print(f"  slices with pancreas: {summary['slices_with_pancreas']}; "
-          f"mean IoU of decoded boxes vs truth ({summary['decode']} decoding): {summary['mean_iou']:.3f}")
-    print(f"  wrote {out}/: slices/*.png, boxes_ras.csv, summary.json, {', '.join(summary['overlays'])}")
+    scores, phantom = summary["scores"], summary["phantom"]
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"MiniGPT-Pancreas demo: {summary['model']} on a synthetic CT (seed {phantom['seed']}, stored "
+          f"{phantom['orientation']}, model view {summary['model_view_shape']}), {summary['seconds']:.1f} s")
+    print(f"  pancreas IoU {shown(scores['pancreas_iou'])} over {scores['pancreas_slices']} slices with pancreas; "
+          f"tumour yes/no accuracy {shown(scores['tumour_yes_no_accuracy'])} (balanced "
+          f"{shown(scores['tumour_yes_no_balanced_accuracy'])}); tumour IoU {shown(scores['tumour_iou'])} over "
+          f"{scores['tumour_slices']} slices with tumour (strict: a missing box scores 0)")
+    print(f"  wrote {out}/: phantom_ct.nii.gz, phantom_labels.nii.gz, {', '.join(summary['files'])}")
+    print("  next: open phantom_ct.nii.gz and boxes.mrk.json in 3D Slicer (File > Add Data); or run "
+          "`minigpt-pancreas serve` and use the MiniGPT-Pancreas module in Slicer")

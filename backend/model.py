@@ -181,21 +181,28 @@ class MiniGPTv2(nn.Module):
     # ----------------------------------------------------------------------------------------- training
 
     def training_loss(self, pixel_values: torch.Tensor, instructions: Sequence[str],
-                      answers: Sequence[str]) -> torch.Tensor:
+                      answers: Sequence[str], inference_layout: Sequence[bool] | None = None) -> torch.Tensor:
         """Upstream's training loss: mean cross-entropy over the answer tokens (answer + "</s>") of the batch.
 
         Prompt "[INST] <Img><ImageHere></Img> {instruction}  [/INST]" after one BOS embedding; answers cut to
         `max_txt_len` tokens and right-padded with "$$"; the batch layout is `backend.batching.training_layout`.
         Deterministic in eval mode (the LoRA dropout is the only dropout).
+
+        `inference_layout[i]` trains row i on the prompt as `generate` builds it instead ("<s><s>[INST] ...
+        [/INST]", two BOS and one space): upstream never does, its pre-trained LLaMA tolerating the difference, but a
+        base trained from scratch (the demo's stage 0) must see both to answer at inference.
         """
         instructions, answers = _listed(instructions), _listed(answers)
+        as_inference = list(inference_layout) if inference_layout is not None else [False] * len(instructions)
         if len(instructions) != len(answers):
             raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers; give one answer each.")
         image_embeds = self.encode_images(pixel_values)  # [B, T, H]
         if image_embeds.shape[0] != len(instructions):
             raise ValueError(f"{image_embeds.shape[0]} images but {len(instructions)} instructions.")
-        prompt_embeds = [self.prompt_embeddings(prompts.training_instruction(text), image, add_bos=False)
-                         for text, image in zip(instructions, image_embeds)]
+        # The layout prepends one BOS embedding; the inference prompt's own first BOS is that one.
+        prompt_embeds = [self.prompt_embeddings(prompts.inference_prompt(text), image, add_bos=True)[1:] if inference
+                         else self.prompt_embeddings(prompts.training_instruction(text), image, add_bos=False)
+                         for text, image, inference in zip(instructions, image_embeds, as_inference)]
         answer_ids, answer_mask = self.tokenizer.encode_batch_right_padded(
             [prompts.training_answer(answer) for answer in answers], max_length=self.config.max_txt_len)
         answer_ids = torch.from_numpy(answer_ids).to(self.device)  # [B, A]

@@ -82,7 +82,7 @@ def _normal(generator: torch.Generator, *shape: int) -> torch.Tensor:
 
 def _initial_vit(sizes: TinySizes, generator: torch.Generator) -> dict[str, torch.Tensor]:
     width, hidden, patch, grid = sizes.vit_width, sizes.vit_mlp_hidden, sizes.patch_size, sizes.checkpoint_grid
-    state = {"cls_token": _normal(generator, 1, 1, width), "pos_embed": _normal(generator, 1, 1 + grid * grid, width),
+    state = {"cls_token": _normal(generator, 1, 1, width), "pos_embed": sincos_position_embedding(grid, width),
              "patch_embed.proj.weight": _normal(generator, width, 3, patch, patch),
              "patch_embed.proj.bias": torch.zeros(width)}
     for block in range(sizes.vit_depth):
@@ -97,6 +97,20 @@ def _initial_vit(sizes: TinySizes, generator: torch.Generator) -> dict[str, torc
             prefix + "mlp.fc2.weight": _normal(generator, width, hidden), prefix + "mlp.fc2.bias": torch.zeros(width),
         })
     return state
+
+
+def sincos_position_embedding(grid: int, width: int) -> torch.Tensor:
+    """[1, 1 + grid*grid, width]: zero for CLS, then each patch's row and column as sines and cosines (half the
+    channels each, as MAE initialises its ViT). A learned embedding starting at small random values carries
+    almost no position, and the language model can only say where a box is if the image tokens say where they are."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # [W/4]
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    angles = [axis.flatten()[:, None] * frequencies[None] for axis in (rows, cols)]  # 2 x [G*G, W/4]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # [G*G, 4 * (W/4)]
+    table = torch.nn.functional.pad(table, (0, width - table.shape[1]))  # widths not divisible by 4
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()[None]
 
 
 def _initial_llama(folder: Path, sizes: TinySizes, generator: torch.Generator) -> Path:

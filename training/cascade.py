@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
-from training.cascade_config import CascadeConfig, StageSpec
+from training.cascade_config import CascadeConfig, CascadeConfigError, StageSpec
 from training.config import model_dir_name
 
 STATE_FILE = "cascade_state.json"
@@ -58,10 +58,10 @@ def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -
     final = state.stage(config.final)
     model_dir = config.stage_dir(config.final) / model_dir_name(final["chosen_epoch"])
     metrics = _evaluate_final(config, model_dir, device, say)
-    if config.export:
-        _export(config, model_dir, say)
     state.data.update(final_model=str(model_dir), minutes=round((time.monotonic() - started) / 60, 1))
     state.save()
+    if config.export:
+        _export(config, model_dir, state.data, metrics, say)
     say(f"[cascade] finished: final model {model_dir}")
     return {**state.data, "metrics": metrics}
 
@@ -71,20 +71,20 @@ def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -
 def _prepare_data(config: CascadeConfig, say: Say) -> None:
     if config.phantoms is None:
         if not (config.prepared / "tasks").is_dir():
-            raise_error(f"data.prepared {config.prepared} holds no tasks/ folder: run `minigpt-pancreas-train "
-                        "prepare` (with --val-ratio) first.")
+            raise CascadeConfigError(f"data.prepared {config.prepared} holds no tasks/ folder: run "
+                                     "`minigpt-pancreas-train prepare` (with --val-ratio) first.")
         return
     from training.demo_data import write_phantom_datasets
     from training.prepare.pipeline import PrepareOptions, run_prepare
 
-    say(f"[cascade] data: writing phantom datasets {config.phantoms}")
-    roots = write_phantom_datasets(config.output_dir / "raw", config.phantoms, progress=None)
-    options = {key: value for key, value in config.prepare.items()}
-    report = run_prepare(PrepareOptions(roots={k: str(v) for k, v in roots.items()}, out=str(config.prepared),
-                                        progress=False, **options), echo=lambda line: None)
-    if report.problems:
-        raise_error(f"prepare could not read {len(report.problems)} synthetic volume(s): {report.problems[:2]}")
-    say(f"[cascade] data: prepared {config.prepared}")
+    spec = config.phantoms
+    say(f"[cascade] data: {spec.msd} MSD, {spec.nih} NIH and {spec.abdomenct1k} AbdomenCT-1K synthetic volumes "
+        f"(seed {spec.seed}) -> {config.output_dir / 'raw'}")
+    roots = write_phantom_datasets(config.output_dir / "raw", spec)
+    options = PrepareOptions(roots={k: str(v) for k, v in roots.items()}, out=str(config.prepared), **config.prepare)
+    report = run_prepare(options, echo=lambda line: None if line.startswith("note:") else say(line))
+    if report.problems:  # our own writer's files: any problem is a bug, not bad data
+        raise RuntimeError(f"prepare could not read {len(report.problems)} synthetic volume(s): {report.problems[:2]}")
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -182,12 +182,21 @@ def _evaluate_final(config: CascadeConfig, model_dir: Path, device: str, say: Sa
                     limit=config.evaluate.get("limit"))
 
 
-def _export(config: CascadeConfig, model_dir: Path, say: Say) -> None:
+def _export(config: CascadeConfig, model_dir: Path, state: dict[str, Any], metrics: dict[str, Any],
+            say: Say) -> None:
+    """The model folder at export.out, its evaluation report in report/ and MODEL_CARD.md beside it."""
+    from backend.demo_model import model_card
+    from backend.model_dir import read_manifest
     from training.export import export_model
+    from training.model_card import write_model_card
 
     target = Path(config.export["out"])
-    options = {key: config.export[key] for key in ("model_id", "description", "synthetic") if key in config.export}
+    options = {key: config.export[key] for key in ("description", "synthetic") if key in config.export}
+    if "model_id" in config.export:  # the weights' hash tells two builds apart
+        sha = read_manifest(model_dir)["tensors"]["sha256"]
+        options["model_id"] = f"{config.export['model_id']}-{sha[:8]}"
     export_model(model_dir, target, force=True, **options)
+    write_model_card(target.parent / "MODEL_CARD.md", config, state, metrics, model_card(target)["model_id"])
     report = target.parent / "report"
     staging = report.with_name(".report-staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -195,9 +204,3 @@ def _export(config: CascadeConfig, model_dir: Path, say: Say) -> None:
     shutil.rmtree(report, ignore_errors=True)
     staging.rename(report)
     say(f"[cascade] exported {target} (report: {report})")
-
-
-def raise_error(message: str) -> None:
-    from training.cascade_config import CascadeConfigError
-
-    raise CascadeConfigError(message)

@@ -4,7 +4,7 @@
       "description": "free text",
       "output_dir": "../runs/demo",                       (relative paths are relative to this file)
       "data": {"prepared": "../prepared"}                 an existing `prepare` output (with a val split), or
-      "data": {"phantoms": {"msd": 30, "nih": 20, "abdomenct1k": 30, "seed": 0},
+      "data": {"phantoms": {"msd": 30, "nih": 20, "abdomenct1k": 30, "seed": 0, "coarsen": 1},
                "prepare": {"val_ratio": 0.15, "threshold": 0.0, ...}}     synthetic datasets, prepared here,
       "fit": {shared fit settings: init_lr, batch_size, iters_per_epoch, max_epoch, ...},
       "stages": [
@@ -78,6 +78,8 @@ class CascadeConfig:
         return parse_config(data, self.file.parent, f"{self.file}: stage {stage.name}")
 
 
+# `prepare` options a synthetic cascade may set (training/prepare/command.py documents them)
+PREPARE_KEYS = ("seed", "test_ratio", "val_ratio", "threshold", "duplicates", "organ_balance", "workers")
 _TOP_KEYS = {"description", "output_dir", "data", "fit", "stages", "final", "evaluate", "export"}
 _STAGE_KEYS = {"name", "start", "datasets", "fit", "select"}
 
@@ -123,10 +125,17 @@ def _data(data: Any, base: Path, output_dir: Path, file: Path) -> tuple[Path, Ph
     if "prepared" in data:
         return _path(base, data["prepared"], f"{file}: data.prepared"), None, {}
     counts = _object(data["phantoms"], f"{file}: data.phantoms")
-    _refuse_unknown(counts, {*DATASET_ORDER, "seed"}, f"{file}: data.phantoms")
+    _refuse_unknown(counts, {*DATASET_ORDER, "seed", "coarsen"}, f"{file}: data.phantoms")
+    coarsen = counts.get("coarsen", 1.0)
+    counts = {key: value for key, value in counts.items() if key != "coarsen"}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
-        raise CascadeConfigError(f"{file}: data.phantoms values must be whole numbers >= 0, got {counts}.")
-    return output_dir / "prepared", PhantomDatasets(**counts), _object(data.get("prepare", {}), f"{file}: prepare")
+        raise CascadeConfigError(f"{file}: data.phantoms counts and seed must be whole numbers >= 0, got {counts}.")
+    if isinstance(coarsen, bool) or not isinstance(coarsen, (int, float)) or not 1 <= coarsen <= 8:
+        raise CascadeConfigError(f"{file}: data.phantoms.coarsen must be a number from 1 to 8, got {coarsen!r}.")
+    counts["coarsen"] = float(coarsen)
+    prepare = _object(data.get("prepare", {}), f"{file}: data.prepare")
+    _refuse_unknown(prepare, set(PREPARE_KEYS), f"{file}: data.prepare")
+    return output_dir / "prepared", PhantomDatasets(**counts), prepare
 
 
 def _stages(data: Any, shared: dict[str, Any], file: Path) -> tuple[StageSpec, ...]:

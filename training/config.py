@@ -110,6 +110,7 @@ class FitConfig:
     train: str = "lora"  # "lora": llama_proj + LoRA (upstream); "all": every parameter but LoRA (stage 0)
     grad_clip: float | None = None  # max gradient norm; upstream clips nothing
     patch_grounding: float = 0.0  # weight of stage 0's patch-level box loss (training.patch_grounding); 0 = off
+    inference_layout_share: float = 0.0  # stage 0: share of rows trained on generate's prompt layout (two BOS)
     hash_base_files: bool = False  # sha256 of the base files in every model folder (minutes for a 13 GB LLaMA)
     stage: str = ""  # a name for logs, e.g. "pancreas_detection"
     description: str = ""
@@ -305,6 +306,12 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
+def _fraction(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise FitConfigError(f"{where} must be a number from 0 to 1, got {value!r}.")
+    return float(value)
+
+
 def _train_mode(where: str, value: Any) -> str:
     if value not in TRAIN_MODES:
         raise FitConfigError(f"{where} must be one of {', '.join(TRAIN_MODES)}, got {value!r}.")
@@ -327,6 +334,7 @@ _RUN_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "num_workers": _non_negative_int, "log_every": _positive_int, "gradient_checkpointing": _flag,
     "hash_base_files": _flag, "stage": partial(_text, allow_empty=True), "train": _train_mode,
     "grad_clip": _number(0, strict=True, optional=True), "patch_grounding": _number(0),
+    "inference_layout_share": _fraction,
     "description": partial(_text, allow_empty=True),
 }
 

@@ -34,6 +34,7 @@ class PhantomDatasets:
     nih: int = 0
     abdomenct1k: int = 0
     seed: int = 0
+    coarsen: float = 1.0  # voxel size multiplier (e.g. 4 for quick tests): same anatomy, fewer voxels
 
     def count(self, dataset: str) -> int:
         return getattr(self, dataset)
@@ -43,16 +44,20 @@ class PhantomDatasets:
         return [first + i for i in range(self.count(dataset))]
 
 
-def demo_phantom(seed: int, tumour: bool) -> Phantom:
-    """One varied synthetic CT (scan geometry and anatomy both drawn from `seed`)."""
-    return make_phantom(seed, tumour=tumour, **sample_scan_parameters(seed))
+def demo_phantom(seed: int, tumour: bool, coarsen: float = 1.0) -> Phantom:
+    """One varied synthetic CT (scan geometry and anatomy both drawn from `seed`), its voxels `coarsen` times
+    larger along every axis."""
+    scan = sample_scan_parameters(seed)
+    scan["spacing"] = tuple(value * coarsen for value in scan["spacing"])
+    return make_phantom(seed, tumour=tumour, **scan)
 
 
 class _RenderedOnDemand(Sequence):
     """Phantoms rendered one at a time as a writer walks them, so memory holds one volume, not all."""
 
-    def __init__(self, seeds: list[int], tumour: Callable[[int], bool], done: Callable[[], None]) -> None:
-        self.seeds, self.tumour, self.done = seeds, tumour, done
+    def __init__(self, seeds: list[int], tumour: Callable[[int], bool], coarsen: float,
+                 done: Callable[[], None]) -> None:
+        self.seeds, self.tumour, self.coarsen, self.done = seeds, tumour, coarsen, done
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -60,7 +65,7 @@ class _RenderedOnDemand(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             raise TypeError("phantoms are rendered one at a time")
-        phantom = demo_phantom(self.seeds[index], self.tumour(self.seeds[index]))
+        phantom = demo_phantom(self.seeds[index], self.tumour(self.seeds[index]), self.coarsen)
         self.done()
         return phantom
 
@@ -83,7 +88,7 @@ def write_phantom_datasets(root: str | os.PathLike, spec: PhantomDatasets,
         if _volumes_present(dataset, folder) >= count:
             continue
         written = iter(range(1, count + 1))
-        phantoms = _RenderedOnDemand(spec.seeds(dataset), _tumour_rule(dataset),
+        phantoms = _RenderedOnDemand(spec.seeds(dataset), _tumour_rule(dataset), spec.coarsen,
                                      lambda d=dataset: progress and progress(f"{d} volume {next(written)}/{count}"))
         _WRITERS[dataset](folder, phantoms)
     return roots

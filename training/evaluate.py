@@ -68,8 +68,16 @@ def entry_prompt(task: TaskSet, entry: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ task sets
 
 def available_tasks(prepared: Path) -> list[str]:
-    """Tasks with a test file in `prepared/tasks/`, sorted."""
-    return sorted(path.name[: -len(TEST_SUFFIX)] for path in (Path(prepared) / "tasks").glob(f"*{TEST_SUFFIX}"))
+    """Tasks with a non-empty test file in `prepared/tasks/`, sorted (a small dataset can leave a task empty)."""
+    files = (Path(prepared) / "tasks").glob(f"*{TEST_SUFFIX}")
+    return sorted(path.name[: -len(TEST_SUFFIX)] for path in files if not _is_empty_list(path))
+
+
+def _is_empty_list(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()) == []
+    except (OSError, ValueError):
+        return False  # unreadable: load_task says so when the task is asked for
 
 
 def load_task(prepared: Path, task: str, limit: int | None = None, split: str = "test") -> TaskSet:

@@ -127,7 +127,11 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
             # DDP averages gradients over processes only on the backward that precedes an optimizer step
             with nullcontext() if update or procs.world_size == 1 else loss_of.no_sync():
                 with model.autocast():
-                    loss = loss_of(batch.pixels.to(device), batch.instructions, batch.answers, batch.phrases)
+                    # rows on generate's prompt layout (stage 0 only); torch's generator, so a resume redraws them
+                    inference = (torch.rand(len(batch.answers)) < cfg.inference_layout_share).tolist() \
+                        if cfg.inference_layout_share else None
+                    loss = loss_of(batch.pixels.to(device), batch.instructions, batch.answers, batch.phrases,
+                                   inference)
                 scaler.scale(loss / cfg.grad_accumulation).backward()
             if update:
                 if cfg.grad_clip:
@@ -157,8 +161,8 @@ class _LossModule(nn.Module):
         self.model, self.grounding, self.weight = model, grounding, weight
 
     def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str],
-                phrases: list[str | None]) -> torch.Tensor:
-        loss = self.model.training_loss(pixels, instructions, answers)
+                phrases: list[str | None], inference_layout: list[bool] | None) -> torch.Tensor:
+        loss = self.model.training_loss(pixels, instructions, answers, inference_layout)
         if self.grounding is not None:
             loss = loss + self.weight * self.grounding(phrases, answers)
         return loss

@@ -58,6 +58,7 @@ class PatchGroundingLoss(nn.Module):
             return None
         x1, y1, x2, y2 = parsed.grid_boxes[0].as_tuple()
         mask = torch.zeros(self.grid, self.grid)
-        first, last = (lambda g: g * self.grid // 100), (lambda g: min(self.grid - 1, (g + 1) * self.grid // 100))
+        # grid value g covers [g, g + 1) hundredths of the side: patches floor(g * grid / 100) .. of (g + 1) - eps
+        first, last = (lambda g: g * self.grid // 100), (lambda g: ((g + 1) * self.grid - 1) // 100)
         mask[first(y1):last(y2) + 1, first(x1):last(x2) + 1] = 1.0
         return mask.flatten()

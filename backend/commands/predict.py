@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CT volume: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder of one DICOM series")
     add_model_arguments(parser)
     parser.add_argument("--prompt", default=None, help=f"question for every slice (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--cascade", action="store_true",
+                        help="ask the paper's cascade instead of one question: the pancreas box on every slice, "
+                             "tumour yes/no with P(yes) on every slice, and the tumour box where the answer is yes")
     parser.add_argument("--label", default=None,
                         help="name of the ROIs (default: 'pancreas' with the default prompt, else 'box')")
     parser.add_argument("--slices", metavar="START:STOP", default=None,
@@ -59,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from SlicerMiniGPTPancreas import geometry
 
+    from backend.commands.cascade_outputs import write_cascade_outputs
     from backend.commands.predict_outputs import write_outputs
 
     started = time.perf_counter()
@@ -74,17 +78,40 @@ def run(args: argparse.Namespace) -> int:
     chosen = parse_slices(args.slices, view.shape[0])
 
     engine = engine_from_args(args)
-    results = _predict(engine, [view.slice(s) for s in chosen], prompt, args)
     details = {
-        "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": prompt, "model": engine.model_id,
-        "device": engine.device, "precision": engine.precision, "image_variant": engine.image_variant,
-        "box_decoding": engine.box_decoding, "constrain_boxes": args.constrain_boxes,
+        "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": "cascade" if args.cascade else prompt,
+        "model": engine.model_id, "device": engine.device, "precision": engine.precision,
+        "image_variant": engine.image_variant, "box_decoding": engine.box_decoding,
+        "constrain_boxes": args.constrain_boxes,
     }
+    if args.cascade:
+        answers = sweep_volume(engine, view, chosen, args.max_new_tokens)
+        with staged_folder(out) as staging:
+            summary = write_cascade_outputs(staging, view, list(chosen), answers, details=details,
+                                            seconds=time.perf_counter() - started)
+        _print_cascade_summary(summary, out)
+        return 0
+    results = _predict(engine, [view.slice(s) for s in chosen], prompt, args)
     with staged_folder(out) as staging:
         summary = write_outputs(staging, view, list(zip(chosen, results)), label=label, details=details,
                                 seconds=time.perf_counter() - started)
     _print_summary(summary, out)
     return 0
+
+
+def sweep_volume(engine, view, chosen: range, max_new_tokens: int = 20) -> list:
+    """The cascade's answers about the `chosen` model-view slices, with a progress bar."""
+    from tqdm import tqdm
+
+    from backend.cascade_sweep import sweep_cascade
+
+    with tqdm(unit="answer", desc="cascade", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return sweep_cascade(engine, [view.slice(s) for s in chosen], max_new_tokens=max_new_tokens,
+                             progress=progress)
 
 
 def read_volume(path: Path, series: str | None = None):
@@ -162,6 +189,9 @@ def _volume_name(volume: Path) -> str:
 
 
 def _check_options(args: argparse.Namespace, prompt: str) -> None:
+    if args.cascade and (args.prompt is not None or args.label is not None or args.constrain_boxes):
+        raise PredictError("--cascade asks its own three questions; leave out --prompt, --label and "
+                           "--constrain-boxes.")
     if args.max_new_tokens < 1:
         raise PredictError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if not prompt.strip():
@@ -204,4 +234,13 @@ def _print_summary(summary: dict, out: Path) -> None:
           f"{summary['boxes']} boxes on {summary['slices_with_boxes']} slices")
     if summary["yes_answers"] is not None:
         print(f"  yes on {summary['yes_answers']} slices")
+    print(f"  wrote {out}/: {', '.join(summary['files'])} (open boxes.mrk.json in 3D Slicer: File > Add Data)")
+
+
+def _print_cascade_summary(summary: dict, out: Path) -> None:
+    slices = summary["slices"]
+    print(f"{summary['model']} on {summary['device']} ({summary['precision']}): cascade on {slices['count']} slices "
+          f"({slices['first']}..{slices['last']}) of {summary['volume']} in {summary['seconds']:.1f} s")
+    print(f"  pancreas boxes on {summary['pancreas_boxes']} slices; tumour said yes on {summary['tumour_yes']}, "
+          f"tumour boxes on {summary['tumour_boxes']}")
     print(f"  wrote {out}/: {', '.join(summary['files'])} (open boxes.mrk.json in 3D Slicer: File > Add Data)")

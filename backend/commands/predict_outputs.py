@@ -65,13 +65,10 @@ def write_outputs(folder: Path, view: geometry.ModelView, results: Sequence[tupl
     id also goes into answers.json and every ROI's description.
     """
     records = box_records(view, results, label)
-    _write_csv(folder / "boxes.csv", records)
     model = details["model"]
-    markups.write_roi_markups(folder / "boxes.mrk.json", [
-        markups.RoiMarkup(r.center_ras, r.size_mm, r.name, f"{model}, confidence {r.confidence:.2f}: {r.answer}")
-        for r in records])
+    write_box_files(folder, records, model)
     answers = [{"slice": s, **asdict(result)} for s, result in results]
-    _write_json(folder / "answers.json", {"model": model, "prompt": details["prompt"], "slices": answers})
+    write_json(folder / "answers.json", {"model": model, "prompt": details["prompt"], "slices": answers})
     overlays = _write_overlays(folder / "overlays", view, records, details["image_variant"])
     kinds = Counter(result.kind for _, result in results)
     yes_no = [result.yes for _, result in results if result.yes is not None]
@@ -90,8 +87,16 @@ def write_outputs(folder: Path, view: geometry.ModelView, results: Sequence[tupl
         "files": ["boxes.csv", "boxes.mrk.json", "answers.json", f"overlays/ ({len(overlays)} PNG)",
                   "summary.json"],
     }
-    _write_json(folder / "summary.json", summary)
+    write_json(folder / "summary.json", summary)
     return summary
+
+
+def write_box_files(folder: Path, records: list[BoxRecord], model: str) -> None:
+    """boxes.csv and boxes.mrk.json (one thin ROI per box, described with the model id and confidence)."""
+    _write_csv(folder / "boxes.csv", records)
+    markups.write_roi_markups(folder / "boxes.mrk.json", [
+        markups.RoiMarkup(r.center_ras, r.size_mm, r.name, f"{model}, confidence {r.confidence:.2f}: {r.answer}")
+        for r in records])
 
 
 def _write_csv(path: Path, records: list[BoxRecord]) -> None:
@@ -104,7 +109,7 @@ def _write_csv(path: Path, records: list[BoxRecord]) -> None:
                              *(round(v, 3) for v in r.size_mm)])
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -1,0 +1,127 @@
+"""`minigpt-pancreas-train cascade` end to end on a miniature of the demo cascade: synthetic datasets in the three
+public layouts, `prepare` with a validation split, a from-scratch stage 0 and the LoRA stages, each starting from
+the epoch its predecessor chose on the validation split, then evaluation on the test split and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backend.model_dir import load_model, read_manifest
+from training.cascade_config import load_cascade
+from training.config import FitConfigError
+from training.cli import main
+
+TINY = {"image_size": 32, "patch_size": 8, "vit_width": 88, "vit_depth": 1, "vit_mlp_hidden": 128,
+        "llm_hidden": 32, "llm_layers": 1, "llm_heads": 2, "llm_intermediate": 64, "lora_r": 4}
+LORA_FIT = {"init_lr": 1e-3, "warmup_steps": 1, "iters_per_epoch": 2, "max_epoch": 2}
+
+
+def miniature(out: Path) -> dict:
+    stage = lambda name, start, tasks, select: {  # noqa: E731 - a table of stages reads best this way
+        "name": name, "start": start, "datasets": [{"task": task, "sample_ratio": 1} for task in tasks],
+        "fit": LORA_FIT, "select": {"tasks": select, "limit": 3}}
+    return {
+        "output_dir": str(out / "run"),
+        "data": {"phantoms": {"msd": 5, "nih": 3, "abdomenct1k": 4, "seed": 7, "coarsen": 3},
+                 "prepare": {"test_ratio": 0.25, "val_ratio": 0.25, "threshold": 0.0, "workers": 1}},
+        "fit": {"batch_size": 2, "device": "cpu", "num_workers": 0, "log_every": 1, "seed": 3},
+        "stages": [
+            {"name": "base", "start": {"scratch": TINY},
+             "datasets": [{"task": "multi_organ_abdomenct1k", "sample_ratio": 1},
+                          {"task": "pancreas_detection_msd", "sample_ratio": 1}],
+             "fit": {"train": "all", "init_lr": 5e-3, "warmup_steps": 2, "iters_per_epoch": 10, "max_epoch": 2,
+                     "patch_grounding": 1.0, "grad_clip": 1.0},
+             "select": {"tasks": ["pancreas_detection_msd"], "limit": 3}},
+            stage("pancreas_detection", "base", ["pancreas_detection_msd", "pancreas_detection_nih"],
+                  ["pancreas_detection_msd"]),
+            stage("tumor_classification", "pancreas_detection", ["tumor_classification"], ["tumor_classification"]),
+            stage("tumor_detection", "tumor_classification", ["tumor_detection_msd", "tumor_classification"],
+                  ["tumor_detection_msd"]),
+            stage("multi_organ", "base", ["multi_organ_abdomenct1k"], ["multi_organ_abdomenct1k"]),
+        ],
+        "final": "tumor_detection",
+        "evaluate": {"limit": 3, "batch_size": 4},
+        "export": {"out": str(out / "exported" / "model"), "model_id": "mini-cascade", "synthetic": True,
+                   "description": "miniature cascade of the test suite"},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The miniature cascade run once by the command line; (its folder, the cascade dict, the output)."""
+    out = tmp_path_factory.mktemp("cascade")
+    cascade = miniature(out)
+    (out / "cascade.json").write_text(json.dumps(cascade))
+    assert main(["cascade", str(out / "cascade.json")]) == 0
+    return out, cascade
+
+
+def test_each_stage_starts_from_the_epoch_its_predecessor_chose(finished):
+    out, cascade = finished
+    state = json.loads((out / "run" / "cascade_state.json").read_text())
+    for stage in cascade["stages"][1:]:
+        recorded = json.loads((out / "run" / "stages" / stage["name"] / "config.json").read_text())["model"]
+        chosen = state["stages"][stage["start"]]["chosen_epoch"]
+        assert recorded["epoch"] == chosen
+        assert Path(recorded["previous_stage"]).name == stage["start"]
+        scores = state["stages"][stage["start"]]["scores"]
+        assert scores[str(chosen)] == max(scores.values())  # the best validation score wins
+
+
+def test_validation_uses_the_val_split_never_the_test_split(finished):
+    out, _ = finished
+    prepared = out / "run" / "prepared"
+    validation = out / "run" / "stages" / "base" / "validation" / "epoch_0" / "predictions"
+    val_images = {e["image"] for e in json.loads((prepared / "tasks" / "pancreas_detection_msd_val.json").read_text())}
+    test_images = {e["image"] for e in json.loads((prepared / "tasks" / "pancreas_detection_msd_test.json").read_text())}
+    answered = {json.loads(line)["image"] for line in (validation / "pancreas_detection_msd.jsonl").read_text().splitlines()}
+    assert answered and answered <= val_images and not answered & test_images
+
+
+def test_stage_zero_loss_falls_and_trains_the_base(finished):
+    out, _ = finished
+    base = out / "run" / "stages" / "base"
+    losses = [json.loads(line)["loss"] for line in (base / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    manifest = read_manifest(base / "model_epoch_1")
+    assert manifest["base"]["vit_checkpoint"]["path"] == "base/eva_vit.pth"  # its own trained base, relative
+
+
+def test_the_final_model_is_evaluated_and_exported_with_its_report(finished, tmp_path):
+    out, _ = finished
+    metrics = json.loads((out / "run" / "evaluation" / "metrics.json").read_text())
+    assert {"pancreas_detection_msd", "tumor_classification", "multi_organ_abdomenct1k"} <= set(metrics["tasks"])
+    exported = out / "exported" / "model"
+    assert read_manifest(exported)["card"]["model_id"].startswith("mini-cascade-")  # + the weights' hash
+    assert "mini-cascade-" in (out / "exported" / "MODEL_CARD.md").read_text()
+    assert (out / "exported" / "report" / "tables.md").is_file()
+    moved = tmp_path / "elsewhere"
+    (out / "exported").rename(moved)  # self-contained: still loads after a move
+    assert load_model(moved / "model").config.vision.image_size == TINY["image_size"]
+
+
+def test_a_second_call_resumes_without_training_again(finished, capsys):
+    out, _ = finished
+    log = (out / "run" / "stages" / "base" / "log.jsonl").read_text()
+    assert main(["cascade", str(out / "cascade.json")]) == 0
+    assert (out / "run" / "stages" / "base" / "log.jsonl").read_text() == log
+    assert "stage 1/5 base: done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["stages"][1].update(start="later"), "not an EARLIER stage"),
+    (lambda c: c.update(final="nowhere"), "'final' is 'nowhere'"),
+    (lambda c: c["stages"][0]["fit"].update(init_lrr=1), "did you mean 'init_lr'"),
+    (lambda c: c["data"].update(prepared="x"), "exactly one of 'prepared'"),
+])
+def test_a_bad_cascade_file_is_refused_by_name(tmp_path, change, message):
+    cascade = miniature(tmp_path)
+    change(cascade)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cascade))
+    with pytest.raises(FitConfigError, match=message):  # CascadeConfigError is one
+        load_cascade(path)
