@@ -58,7 +58,7 @@ def test_the_report_and_card_describe_these_very_weights():
     weights = read_manifest(DEMO_MODEL_DIR)["tensors"]["sha256"]
     run = json.loads((DEMO_MODEL_DIR.parent / "report" / "run.json").read_text())
     assert run["model_id"] == f"sha256:{weights}"
-    card = (DEMO_MODEL_DIR.parent / "MODEL_CARD.md").read_text()
+    card = (DEMO_MODEL_DIR.parent / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert model_card(DEMO_MODEL_DIR)["model_id"] in card and "not for clinical use" in card
 
 

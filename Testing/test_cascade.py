@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from backend.model_dir import load_model, read_manifest
 from training.cascade_config import load_cascade
@@ -45,6 +46,7 @@ def miniature(out: Path) -> dict:
         "final": "tumor_detection",
         "evaluate": {"limit": 3, "batch_size": 4},
         "export": {"out": str(out / "exported" / "model"), "model_id": "mini-cascade", "synthetic": True,
+                   "half_base": True,
                    "description": "miniature cascade of the test suite"},
     }
 
@@ -75,9 +77,12 @@ def test_validation_uses_the_val_split_never_the_test_split(finished):
     out, _ = finished
     prepared = out / "run" / "prepared"
     validation = out / "run" / "stages" / "base" / "validation" / "epoch_0" / "predictions"
-    val_images = {e["image"] for e in json.loads((prepared / "tasks" / "pancreas_detection_msd_val.json").read_text())}
-    test_images = {e["image"] for e in json.loads((prepared / "tasks" / "pancreas_detection_msd_test.json").read_text())}
-    answered = {json.loads(line)["image"] for line in (validation / "pancreas_detection_msd.jsonl").read_text().splitlines()}
+    def images(split: str) -> set[str]:
+        return {e["image"] for e in json.loads((prepared / "tasks" / f"pancreas_detection_msd_{split}.json").read_text())}
+
+    val_images, test_images = images("val"), images("test")
+    lines = (validation / "pancreas_detection_msd.jsonl").read_text().splitlines()
+    answered = {json.loads(line)["image"] for line in lines}
     assert answered and answered <= val_images and not answered & test_images
 
 
@@ -97,7 +102,11 @@ def test_the_final_model_is_evaluated_and_exported_with_its_report(finished, tmp
     assert {"pancreas_detection_msd", "tumor_classification", "multi_organ_abdomenct1k"} <= set(metrics["tasks"])
     exported = out / "exported" / "model"
     assert read_manifest(exported)["card"]["model_id"].startswith("mini-cascade-")  # + the weights' hash
-    assert "mini-cascade-" in (out / "exported" / "MODEL_CARD.md").read_text()
+    run = json.loads((out / "run" / "evaluation" / "run.json").read_text())
+    assert run["model"] == str(exported)  # the report describes the exported (float16 base) weights
+    vit = torch.load(exported / "base" / "eva_vit.pth", weights_only=True)
+    assert vit["blocks.0.attn.qkv.weight"].dtype == torch.float16
+    assert "mini-cascade-" in (out / "exported" / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert (out / "exported" / "report" / "tables.md").is_file()
     moved = tmp_path / "elsewhere"
     (out / "exported").rename(moved)  # self-contained: still loads after a move
@@ -117,6 +126,7 @@ def test_a_second_call_resumes_without_training_again(finished, capsys):
     (lambda c: c.update(final="nowhere"), "'final' is 'nowhere'"),
     (lambda c: c["stages"][0]["fit"].update(init_lrr=1), "did you mean 'init_lr'"),
     (lambda c: c["data"].update(prepared="x"), "exactly one of 'prepared'"),
+    (lambda c: c["export"].update(halfbase=True), "did you mean 'half_base'"),
 ])
 def test_a_bad_cascade_file_is_refused_by_name(tmp_path, change, message):
     cascade = miniature(tmp_path)

@@ -100,7 +100,8 @@ def test_serve_uses_the_demo_model_and_reports_its_card(bundled):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--device", "cpu",
-                               "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              encoding="utf-8", errors="replace",  # progress bars print block characters
                               env={**os.environ, demo_model.ENVIRONMENT_VARIABLE: str(bundled)})
     try:
         with c.MiniGPTPancreasClient(f"http://127.0.0.1:{port}", read_timeout=WAIT_S) as client:

@@ -148,7 +148,7 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
     tc = metrics["tasks"]["tumor_classification"]
     assert set(tc["rules"]) == {"upstream", "strict"} and tc["auc"]["n"] == 4
     assert metrics["run"]["model_id"].startswith("sha256:")
-    tables = (out / "tables.md").read_text()
+    tables = (out / "tables.md").read_text(encoding="utf-8")
     for label in ("IoU E1", "IoU E3", "IoU STRICT", "det. acc. E2", "failures STRICT", "AUC of P(yes)"):
         assert label in tables
     assert "scored against the tumour box" in tables
@@ -328,7 +328,7 @@ def test_nih_and_msd_are_combined_sample_weighted_and_abdomenct1k_uses_upstreams
     spleen = abd["organs"]["spleen"]["variants"]["E3"]["mean_iou"]
     assert abd["variants"]["E3"]["mean_iou"] == pytest.approx((2 * e3_liver + spleen) / 3)
     assert abd["variants"]["E3"]["counts"] == {"liver": 2, "spleen": 1}
-    assert "multi_organ_abdomenct1k / liver" in (tmp_path / "eval" / "tables.md").read_text()
+    assert "multi_organ_abdomenct1k / liver" in (tmp_path / "eval" / "tables.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- errors

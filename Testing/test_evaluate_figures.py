@@ -181,7 +181,7 @@ def test_fixed_box_and_majority_baselines_match_a_hand_computation(tmp_path):
     assert (majority["label"], majority["answer"], majority["n_train"]) == (MAJORITY_LABEL, "yes", {"yes": 2, "no": 1})
     assert (majority["accuracy"], majority["balanced_accuracy"]) == (0.25, 0.5)
 
-    tables = (tmp_path / "eval" / "tables.md").read_text()
+    tables = (tmp_path / "eval" / "tables.md").read_text(encoding="utf-8")
     assert f"IoU {BOX_LABEL}, STRICT" in tables and f"hit rate {BOX_LABEL}, STRICT" in tables
     assert f"{MAJORITY_LABEL} ('yes')" in tables and "tumor_detection_msd_train.json is missing" in tables
     rows = list(csv.DictReader((tmp_path / "eval" / "tables.csv").read_text().splitlines()))

@@ -1,10 +1,13 @@
 """The questions of the MiniGPT-Pancreas cascade, asked of every slice of a volume.
 
 The paper's cascade is three models in a row; a fine-tuned model of this project answers all three questions,
-so a sweep asks them in order, each with upstream's evaluation prompt:
-  1. where is the pancreas?            (every slice)
-  2. does the pancreas contain a tumor? (every slice; the answer comes with P(yes) from the first-token logits)
-  3. where is the pancreatic tumor?     (only the slices answered "yes" in 2)
+so a sweep asks them in order:
+  1. where is the pancreas?            (every slice; upstream's evaluation refer prompt)
+  2. is there a tumour in the pancreas? (every slice; the answer comes with P(yes) from the first-token logits)
+  3. where is the pancreatic tumor?     (only the slices answered "yes" in 2; upstream's refer prompt)
+Question 2 uses one of upstream's tumour-classification TRAINING prompts, not its evaluation prompt ("... with a
+short answer: ..."), which no training example ever showed: a model fine-tuned on the training prompts answers
+them more reliably, and the bundled demo model, which has no pre-trained language model, only answers those.
 `minigpt-pancreas predict --cascade` and `minigpt-pancreas demo` both use it.
 """
 
@@ -18,7 +21,7 @@ import numpy as np
 from backend import prompts
 
 PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)
-TUMOUR_QUESTION = prompts.TC_EVAL_PROMPT
+TUMOUR_QUESTION = prompts.TC_INSTRUCTION_TEMPLATES[0].format(prompts.TC_QUESTIONS[1])
 TUMOUR_BOX_QUESTION = prompts.refer_eval_instruction(prompts.TUMOR_PHRASE)
 QUESTIONS = {"pancreas": PANCREAS_QUESTION, "tumour_yes_no": TUMOUR_QUESTION, "tumour": TUMOUR_BOX_QUESTION}
 

@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,22 @@ def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -
     """Run (or resume) the cascade; return the final state."""
     config.output_dir.mkdir(parents=True, exist_ok=True)
     state = CascadeState(config.output_dir / STATE_FILE)
-    started = time.monotonic()
+    started, earlier_minutes = time.monotonic(), state.data.get("minutes", 0.0)
     _prepare_data(config, say)
     for number, stage in enumerate(config.stages, 1):
         say(f"[cascade] stage {number}/{len(config.stages)} {stage.name}: "
             f"{'done' if state.stage(stage.name).get('chosen_epoch') is not None else 'running'}")
         _run_stage(config, stage, state, device, say)
     final = state.stage(config.final)
-    model_dir = config.stage_dir(config.final) / model_dir_name(final["chosen_epoch"])
-    metrics = _evaluate_final(config, model_dir, device, say)
-    state.data.update(final_model=str(model_dir), minutes=round((time.monotonic() - started) / 60, 1))
+    chosen = config.stage_dir(config.final) / model_dir_name(final["chosen_epoch"])
+    model_dir = _export(config, chosen, state, say) if config.export else chosen
+    metrics = _evaluate_final(config, model_dir, state, device, say)
+    # minutes of every call together, so a resumed run reports the whole build
+    state.data["minutes"] = round(earlier_minutes + (time.monotonic() - started) / 60, 1)
+    state.data["final_model"] = str(model_dir)
     state.save()
     if config.export:
-        _export(config, model_dir, state.data, metrics, say)
+        _publish_report(config, model_dir, state.data, metrics, say)
     say(f"[cascade] finished: final model {model_dir}")
     return {**state.data, "metrics": metrics}
 
@@ -100,7 +104,7 @@ def _run_stage(config: CascadeConfig, stage: StageSpec, state: CascadeState, dev
         start = {"previous_stage": str(config.stage_dir(start)), "epoch": state.stage(start)["chosen_epoch"]}
     fit_config = config.fit_config(stage, start)
     if device != "auto":
-        fit_config = _with(fit_config, device=device)
+        fit_config = replace(fit_config, device=device)
     latest = _latest(config.stage_dir(stage.name))
     if latest is None or latest["step"] < fit_config.last_step:
         fit(fit_config, resume=True)
@@ -119,16 +123,17 @@ def _run_stage(config: CascadeConfig, stage: StageSpec, state: CascadeState, dev
 def _validate(config: CascadeConfig, stage: StageSpec, epoch: int, device: str) -> float:
     """Mean over the stage's select tasks of STRICT mean IoU (detection) / strict balanced accuracy (yes/no),
     on the validation split, answered by the model of `epoch`."""
-    from training.evaluate import load_task, predict_task
+    from backend.cascade_sweep import TUMOUR_QUESTION
+    from training.evaluate import checked_predictions, load_task, predict_task
     from training.evaluate_scoring import score_all
 
     stage_dir = config.stage_dir(stage.name)
     engine = _engine(stage_dir / model_dir_name(epoch), device, config.evaluate.get("batch_size", 16))
     out = stage_dir / "validation" / f"epoch_{epoch}"
     tasks = [load_task(config.prepared, name, stage.select_limit, split="val") for name in stage.select_tasks]
-    for task in tasks:
-        predict_task(engine, config.prepared, out, task)
-    predictions = {task.name: _answers(out, task) for task in tasks}
+    for task in tasks:  # yes/no with a training prompt: the model is mid-training, not under upstream's test
+        predict_task(engine, config.prepared, out, task, yes_no_prompt=TUMOUR_QUESTION)
+    predictions = {task.name: checked_predictions(out, task) for task in tasks}
     metrics, _ = score_all(tasks, predictions)
     return sum(_task_score(metrics["tasks"][task.name]) for task in tasks) / len(tasks)
 
@@ -139,21 +144,9 @@ def _task_score(result: dict[str, Any]) -> float:
     return float(result["variants"]["STRICT"]["mean_iou"] or 0.0)
 
 
-def _answers(out: Path, task) -> dict[int, dict[str, Any]]:
-    from training.evaluate import checked_predictions
-
-    return checked_predictions(out, task)
-
-
 def _latest(stage_dir: Path) -> dict[str, Any] | None:
     latest = stage_dir / "latest.json"
     return json.loads(latest.read_text()) if latest.is_file() else None
-
-
-def _with(fit_config, **changes):
-    from dataclasses import replace
-
-    return replace(fit_config, **changes)
 
 
 def _engine(model_dir: Path, device: str, batch_size: int):
@@ -168,39 +161,59 @@ def _engine(model_dir: Path, device: str, batch_size: int):
 
 # ------------------------------------------------------------------------------------------ evaluate, export
 
-def _evaluate_final(config: CascadeConfig, model_dir: Path, device: str, say: Say) -> dict[str, Any]:
+def _evaluate_final(config: CascadeConfig, model_dir: Path, state: CascadeState, device: str,
+                    say: Say) -> dict[str, Any]:
+    """Evaluate the final model on the test split; again only when the model changed (its manifest's hash)."""
     from backend.model_dir import read_manifest
-    from training.evaluate import evaluate, run_settings
+    from training.evaluate import evaluate, rescore, run_settings
 
     out = config.output_dir / EVALUATION_FOLDER
     manifest = read_manifest(model_dir)
+    identity = json.loads(json.dumps({key: manifest[key] for key in ("tensors", "base")}))  # weights, not card
+    if state.data.get("evaluated") == identity and (out / "metrics.json").is_file():
+        return rescore(out, config.prepared, config.evaluate.get("tasks"), config.evaluate.get("limit"))
     settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", str(model_dir), config.prepared)
     engine = _engine(model_dir, device, config.evaluate.get("batch_size", 16))
     settings.update(device=engine.device, precision=engine.precision)
-    say(f"[cascade] evaluate {model_dir.parent.name}/{model_dir.name} on the test split -> {out}")
-    return evaluate(engine, config.prepared, out, settings, config.evaluate.get("tasks"),
-                    limit=config.evaluate.get("limit"))
+    say(f"[cascade] evaluate {model_dir} on the test split -> {out}")
+    metrics = evaluate(engine, config.prepared, out, settings, config.evaluate.get("tasks"),
+                       limit=config.evaluate.get("limit"), force=True)
+    state.data["evaluated"] = identity
+    state.save()
+    return metrics
 
 
-def _export(config: CascadeConfig, model_dir: Path, state: dict[str, Any], metrics: dict[str, Any],
-            say: Say) -> None:
-    """The model folder at export.out, its evaluation report in report/ and MODEL_CARD.md beside it."""
-    from backend.demo_model import model_card
-    from backend.model_dir import read_manifest
+def _export(config: CascadeConfig, chosen: Path, state: CascadeState, say: Say) -> Path:
+    """The final stage's chosen model as a self-contained folder at export.out (once: copying a real base takes
+    minutes); return that folder."""
+    from backend.model_dir import MANIFEST_FILE, read_manifest
     from training.export import export_model
-    from training.model_card import write_model_card
 
     target = Path(config.export["out"])
-    options = {key: config.export[key] for key in ("description", "synthetic") if key in config.export}
+    options = {key: config.export[key] for key in ("description", "synthetic", "half_base") if key in config.export}
     if "model_id" in config.export:  # the weights' hash tells two builds apart
-        sha = read_manifest(model_dir)["tensors"]["sha256"]
+        sha = read_manifest(chosen)["tensors"]["sha256"]
         options["model_id"] = f"{config.export['model_id']}-{sha[:8]}"
-    export_model(model_dir, target, force=True, **options)
-    write_model_card(target.parent / "MODEL_CARD.md", config, state, metrics, model_card(target)["model_id"])
-    report = target.parent / "report"
+    record = {"from": str(chosen), "to": str(target), **options}
+    if state.data.get("exported") != record or not (target / MANIFEST_FILE).is_file():
+        export_model(chosen, target, force=True, **options)
+        state.data["exported"] = record
+        state.save()
+        say(f"[cascade] exported {chosen.parent.name}/{chosen.name} -> {target}")
+    return target
+
+
+def _publish_report(config: CascadeConfig, model_dir: Path, state: dict[str, Any], metrics: dict[str, Any],
+                    say: Say) -> None:
+    """The evaluation (without the raw answers) in report/ and MODEL_CARD.md, beside the exported model."""
+    from backend.demo_model import model_card
+    from training.model_card import write_model_card
+
+    report = model_dir.parent / "report"
     staging = report.with_name(".report-staging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(config.output_dir / EVALUATION_FOLDER, staging, ignore=shutil.ignore_patterns("predictions"))
     shutil.rmtree(report, ignore_errors=True)
     staging.rename(report)
-    say(f"[cascade] exported {target} (report: {report})")
+    write_model_card(model_dir.parent / "MODEL_CARD.md", config, state, metrics, model_card(model_dir)["model_id"])
+    say(f"[cascade] report and MODEL_CARD.md beside {model_dir}")

@@ -17,8 +17,13 @@
       ],
       "final": "tumor_detection",                         the stage whose chosen model is evaluated and exported
       "evaluate": {"tasks": [...], "limit": null, "batch_size": 16},   (the `_test.json` files; default all)
-      "export": {"out": "...", "model_id": "...", "description": "...", "synthetic": true}    (optional)
+      "export": {"out": "...", "model_id": "...", "description": "...", "synthetic": true,
+                 "half_base": true}                       (optional; see `training.export.export_model`)
     }
+
+With `export`, the final model is exported first and the EXPORTED folder is what `evaluate` scores, so the
+report beside it (report/, MODEL_CARD.md) describes exactly those weights; the exported model id is
+`<model_id>-<first 8 hex of the trained tensors' sha256>`.
 
 A stage that starts from an earlier stage starts from that stage's CHOSEN epoch: the one whose model scores best
 on the stage's `select` tasks of the validation split (held-out training volumes, never the test split). The
@@ -109,8 +114,10 @@ def load_cascade(path: str | os.PathLike) -> CascadeConfig:
         raise CascadeConfigError(f"{file}: 'final' is {data['final']!r}, not one of the stages {names}.")
     export = _object(data["export"], f"{file}: export") if data.get("export") else None
     if export is not None:
+        _refuse_unknown(export, {"out", "model_id", "description", "synthetic", "half_base"}, f"{file}: export")
         export = {**export, "out": str(_path(base, export.get("out"), f"{file}: export.out"))}
-    config = CascadeConfig(file, output_dir, prepared, phantoms, prepare, stages, data["final"], _object(data.get("evaluate", {}), f"{file}: evaluate"), export)
+    evaluate = _object(data.get("evaluate", {}), f"{file}: evaluate")
+    config = CascadeConfig(file, output_dir, prepared, phantoms, prepare, stages, data["final"], evaluate, export)
     for stage in stages:  # validate every stage's fit settings now (the start model is checked when it runs)
         config.fit_config(stage, {"scratch": {}} if isinstance(stage.start, str) else stage.start)
     return config

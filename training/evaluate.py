@@ -185,8 +185,10 @@ def _load_rgb(prepared: Path, entry: dict[str, Any]):
 
 
 def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_tokens: int = 20,
-                 constrain_boxes: bool = False, progress: Progress | None = None) -> int:
-    """Answer the entries of `task` that have no saved answer yet, one engine batch at a time; return how many."""
+                 constrain_boxes: bool = False, progress: Progress | None = None,
+                 yes_no_prompt: str | None = None) -> int:
+    """Answer the entries of `task` that have no saved answer yet, one engine batch at a time; return how many.
+    yes_no_prompt: ask yes/no entries this instead of upstream's evaluation prompt."""
     path = predictions_path(out, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     done, broken = read_predictions(path)
@@ -197,7 +199,8 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
     answered = len(task.entries) - len(pending)
     for begin in range(0, len(pending), engine.batch_size):
         batch = pending[begin: begin + engine.batch_size]
-        questions = [entry_prompt(task, entry) for entry in batch]
+        questions = [yes_no_prompt if yes_no_prompt and task.kind == "yes_no" else entry_prompt(task, entry)
+                     for entry in batch]
         results = engine.run_rgb([_load_rgb(prepared, entry) for entry in batch], questions,
                                  max_new_tokens=max_new_tokens,
                                  constrain_boxes=constrain_boxes and task.kind == "detection")

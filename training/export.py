@@ -27,6 +27,7 @@ from typing import Any
 
 from backend.checkpoints import BaseFiles
 from backend.commands.model_options import ModelSourceError
+from backend.checkpoint_io import sha256_of
 from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, check_base_files, read_manifest
 from backend.output_folder import staged_folder
 from backend.tokenizer import MODEL_FILE_NAME
@@ -68,9 +69,12 @@ def model_folder_of(path: Path, epoch: int | None = None) -> Path:
 
 
 def export_model(source: Path, out: Path, *, epoch: int | None = None, model_id: str | None = None,
-                 description: str | None = None, synthetic: bool = False, force: bool = False) -> dict[str, Any]:
+                 description: str | None = None, synthetic: bool = False, force: bool = False,
+                 half_base: bool = False) -> dict[str, Any]:
     """Export the model `source` names (see `model_folder_of`) into the new folder `out`; return its manifest.
-    force: replace an `out` that holds files (only once the new folder is complete)."""
+    force: replace an `out` that holds files (only once the new folder is complete). half_base: store the base
+    weights in float16, as upstream ships eva_vit_g.pth and LLaMA-2 (half the size; the trained tensors stay
+    float32). The copies then differ from the source's base, so evaluate the exported folder, not the source."""
     folder = model_folder_of(Path(source), epoch)
     manifest = read_manifest(folder)
     base = _checked_source(folder, manifest)
@@ -79,7 +83,7 @@ def export_model(source: Path, out: Path, *, epoch: int | None = None, model_id:
     card = _card(folder, manifest, model_id, description, synthetic)
     with staged_folder(out) as staging:
         staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
-        exported = {**manifest, **_copy_files(folder, manifest, base, staging), "card": card,
+        exported = {**manifest, **_copy_files(folder, manifest, base, staging, half_base), "card": card,
                     "exported_from": str(folder.absolute())}
         (staging / MANIFEST_FILE).write_text(json.dumps(exported, indent=2) + "\n")
     return exported
@@ -126,7 +130,8 @@ def _run_name(folder: Path) -> str:
     return folder.parent.name if folder.name.startswith("model_epoch_") else folder.name
 
 
-def _copy_files(folder: Path, manifest: dict[str, Any], base: BaseFiles, staging: Path) -> dict[str, Any]:
+def _copy_files(folder: Path, manifest: dict[str, Any], base: BaseFiles, staging: Path,
+                half_base: bool) -> dict[str, Any]:
     """Copy every file loading needs into `staging`; return the manifest entries that describe the copies."""
     recorded = manifest["base"]
     tensors = _copy(folder / manifest["tensors"]["file"], staging / TENSORS_FILE, manifest["tensors"]["sha256"])
@@ -134,6 +139,10 @@ def _copy_files(folder: Path, manifest: dict[str, Any], base: BaseFiles, staging
     vit = _copy(base.vit_checkpoint, staging / VIT_FILE, recorded["vit_checkpoint"].get("sha256"))
     llama = {name: _copy(base.llama_dir / name, staging / LLAMA_DIR / name, entry.get("sha256"))
              for name, entry in recorded["llama_dir"]["files"].items()}
+    if half_base:
+        vit = _to_float16(staging / VIT_FILE)
+        llama = {name: _to_float16(staging / LLAMA_DIR / name) if name != "config.json" else entry
+                 for name, entry in llama.items()}
     return {"base": {"vit_checkpoint": {"path": VIT_FILE, **vit}, "llama_dir": {"path": LLAMA_DIR, "files": llama}},
             "tensors": {"file": TENSORS_FILE, **tensors},
             "tokenizer": {"file": MODEL_FILE_NAME, **tokenizer}}
@@ -152,3 +161,22 @@ def _copy(source: Path, target: Path, recorded_sha256: str | None) -> dict[str, 
         raise ExportError(f"{source} is not the file the model was saved with (sha256 differs); restore it, then "
                           "export again.")
     return {"size": target.stat().st_size, "sha256": sha256}
+
+
+def _to_float16(path: Path) -> dict[str, Any]:
+    """Rewrite a weight file (.pth, .bin or .safetensors) with its float tensors in float16; its new fingerprint."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path)
+        save_file({k: _half(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save({k: _half(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}, path)
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def _half(tensor):
+    return tensor.half().contiguous() if tensor.is_floating_point() else tensor

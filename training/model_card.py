@@ -38,17 +38,19 @@ def write_model_card(path: Path, config: CascadeConfig, state: dict[str, Any], m
     for stage in config.stages:
         record = state["stages"].get(stage.name, {})
         start = stage.start if isinstance(stage.start, str) else next(iter(stage.start))
-        scores = ", ".join(f"{e}: {v:.3f}" for e, v in sorted(record.get("scores", {}).items(), key=lambda i: int(i[0])))
+        by_epoch = sorted(record.get("scores", {}).items(), key=lambda item: int(item[0]))
+        scores = ", ".join(f"{epoch}: {score:.3f}" for epoch, score in by_epoch)
         lines.append(f"| {stage.name} | {start} | {record.get('chosen_epoch')} | {scores} |")
     lines += ["", f"The exported model is stage `{config.final}`.", "", _data_line(config), "",
               "## Test-split numbers (STRICT protocol: every entry counts, an unreadable answer scores 0)", "",
               "| structure | n | mean IoU | fixed box (mean training box) |", "|---|---|---|---|"]
     lines += [row for row in (_detection_row(metrics, *spec) for spec in _DETECTION_ROWS) if row]
-    lines += ["", "| tumour yes/no | n | balanced accuracy | accuracy | AUC | majority class |", "|---|---|---|---|---|---|"]
+    lines += ["", "| tumour yes/no | n | balanced accuracy | accuracy | AUC | majority class |",
+              "|---|---|---|---|---|---|"]
     lines += [row for row in (_yes_no_row(metrics, task) for task in ("tumor_classification",)) if row]
     lines += ["", "Every table of the evaluation, under upstream's protocols too, is in `report/tables.md`; figures in "
               "`report/`.", ""]
-    path.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    path.write_text("\n".join(line for line in lines if line is not None) + "\n", encoding="utf-8")
 
 
 def _detection_row(metrics: dict, task: str, organ: str | None, label: str) -> str | None:

@@ -26,13 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "clinical use); servers and commands say so")
     parser.add_argument("--force", action="store_true",
                         help="replace a non-empty --out (only once the new folder is complete)")
+    parser.add_argument("--half-base", action="store_true",
+                        help="store the base weights in float16, as upstream ships them (half the size; evaluate "
+                             "the exported folder afterwards, its answers may differ in the last digits)")
 
 
 def run(args: argparse.Namespace) -> int:
     from training.export import export_model
 
     manifest = export_model(args.run, args.out, epoch=args.epoch, model_id=args.model_id,
-                            description=args.description, synthetic=args.synthetic, force=args.force)
+                            description=args.description, synthetic=args.synthetic, force=args.force,
+                            half_base=args.half_base)
     card = manifest["card"]
     files = [manifest["tensors"], manifest["tokenizer"], manifest["base"]["vit_checkpoint"],
              *manifest["base"]["llama_dir"]["files"].values()]
