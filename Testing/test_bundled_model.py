@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from backend.cascade_sweep import PANCREAS_QUESTION, TUMOUR_QUESTION
 from backend.demo_model import DEMO_MODEL_DIR, bundled_model_dir, model_card
 from backend.model_dir import read_manifest
 
 STORED = Path(__file__).parent / "data" / "bundled_model_answers.json"
 SEEDS = (11, 12)  # patients the demo cascade never saw (it trains on seeds >= 100000)
-QUESTIONS = ("[refer] give me the location of the pancreas",
-             "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a "
-             "tumor?")
+QUESTIONS = (PANCREAS_QUESTION, TUMOUR_QUESTION)  # what `predict --cascade` and the demo ask every slice
 
 
 def held_out_answers() -> list[dict]:

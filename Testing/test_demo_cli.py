@@ -58,7 +58,7 @@ def test_demo_answers_with_the_bundled_model_and_writes_every_promised_output(de
     assert "pancreas" in names
     assert list((out / "overlays").glob("*.png"))
     markups = json.loads((out / "boxes.mrk.json").read_text())["markups"]
-    assert all(summary["model"] in roi["description"] for roi in markups)
+    assert all(summary["model"] in roi["controlPoints"][0]["description"] for roi in markups)
 
 
 def test_every_slice_gets_a_readable_pancreas_box_and_a_scored_tumour_answer(demo_runs):
