@@ -1,6 +1,6 @@
 """The model's answer grammar: render boxes exactly as upstream did, parse answers back, decode grid values.
 
-Upstream (MiniGPT-Pancreas / MiniGPT-v2, upstream-spec.md section 3) writes a box on a W x H slice as
+Upstream (MiniGPT-Pancreas / MiniGPT-v2, docs/upstream.md section 3) writes a box on a W x H slice as
 "{<x1><y1><x2><y2>}", each value `int(coord / size * 100)` on a 0..100 grid, x = column (divided by W),
 y = row (divided by H). Several boxes are joined by "<delim>", labelled groups read "<p>label</p> {..}<delim>{..}"
 and are joined by a space, "{<0><0><0><0>}" means "absent" (balanced sets), and classification answers are

@@ -1,7 +1,7 @@
 """Per-box metric pieces: IoU/Dice conventions, the protocol variants, decoding one answer and scoring one sample.
 
 `metrics` builds the set-level reports on these and re-exports the public names: import them from `metrics`.
-All box numbers live in the pixel frame of the W x H slice (upstream-spec.md 6.1). Ground truth boxes are
+All box numbers live in the pixel frame of the W x H slice (docs/upstream.md 6.1). Ground truth boxes are
 inclusive pixel indices (x_min, y_min, x_max, y_max), x = column; None or (0, 0, 0, 0) means "absent" (balanced
 sets).
 """
@@ -23,7 +23,7 @@ class MetricsError(ValueError):
 
 
 class Variant(str, Enum):
-    """Which evaluation protocol produced a number (upstream-spec.md 6.1; STRICT is ours)."""
+    """Which evaluation protocol produced a number (docs/upstream.md 6.1; STRICT is ours)."""
 
     E1 = "E1"  # paper era: +1 IoU, hit IoU > 0.5, means over ALL samples (failures 0); no balanced-set rule
     E2 = "E2"  # continuous IoU, hit >= 0.5, means over all samples; balanced: TP/TN/FP/FN, IoU over TP only

@@ -100,7 +100,7 @@ def floor_box(answer: str, width: int, height: int, scale: float | None = None) 
 
 
 def hand_iou(a, b, plus: int = 0) -> float:
-    """upstream-spec 6.1: continuous (plus 0) or the +1 convention of eval_utils.computeIoU (plus 1)."""
+    """docs/upstream.md 6.1: continuous (plus 0) or the +1 convention of eval_utils.computeIoU (plus 1)."""
     inter = max(0, min(a[2], b[2]) - max(a[0], b[0]) + plus) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + plus)
     area_a, area_b = (a[2] - a[0] + plus) * (a[3] - a[1] + plus), (b[2] - b[0] + plus) * (b[3] - b[1] + plus)
     return inter / (area_a + area_b - inter)
@@ -206,7 +206,7 @@ def test_truth_answers_score_perfectly_under_strict_and_as_computed_by_hand_unde
     independent = evaluate_detection(answers, [e["bbox"] for e in entries], sizes, "E3").mean_iou
     by_hand = np.mean([hand_iou(floor_box(a, e["width"], e["height"]), e["bbox"]) for a, e in zip(answers, entries)])
     assert e3["mean_iou"] == pytest.approx(independent, abs=1e-12) == pytest.approx(by_hand, abs=1e-12)
-    assert e3["mean_iou"] < 1.0  # the grid floor costs IoU even for perfect answers (datasets.md flaw 5)
+    assert e3["mean_iou"] < 1.0  # the grid floor costs IoU even for perfect answers (docs/datasets.md flaw 5)
 
     balanced_entries = entries_of(prepared, "pancreas_detection_balanced_msd")
     present = sum(e["bbox"] != [0, 0, 0, 0] for e in balanced_entries)

@@ -1,6 +1,6 @@
 """Tests of the answer grammar: upstream's exact box rendering, total parsing, yes/no, and grid decoding.
 
-Expected strings and numbers are worked out by hand in the comments (upstream-spec.md section 3).
+Expected strings and numbers are worked out by hand in the comments (docs/upstream.md section 3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tests of the metrics: box IoU/Dice conventions, the E1/E2/E3/STRICT protocols and yes/no scores.
 
-Every expected number is worked out by hand in the comments (upstream-spec.md section 6).
+Every expected number is worked out by hand in the comments (docs/upstream.md section 6).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def datasets(tmp_path_factory):
     shutil.copy(task / "labelsTr" / "pancreas_001.nii.gz", task / "labelsTr" / "pancreas_099.nii.gz")
     # NIH case 1 is MSD volume 1 re-stored as DICOM (an exact duplicate across datasets)
     write_nih(base / "nih" / "Pancreas-CT", [msd[0], _phantom(31), _phantom(32)], shuffle_names=True)
-    # AbdomenCT-1K case 3 is MSD volume 2 again: the leakage datasets.md warns about
+    # AbdomenCT-1K case 3 is MSD volume 2 again: the leakage docs/datasets.md warns about
     write_abdomenct1k(base / "abd", [_phantom(41), _phantom(42, "RAS"), msd[1]], nested=True, masks_folder="Masks")
     config = base / "prepare.json"
     config.write_text(json.dumps({"roots": {"nih": "nih", "msd": "msd", "abdomenct1k": "abd"}, "seed": 42}))

@@ -20,7 +20,7 @@ from SlicerMiniGPTPancreas.preprocess import (
     paper_contrast,
 )
 
-# upstream-spec 4.2: the gray-table indices whose byte is idx - 1.
+# docs/upstream.md 4.2: the gray-table indices whose byte is idx - 1.
 SPEC_ONE_LOWER = [
     33, 37, 41, 45, 49, 53, 57, 61, 66, 74, 82, 90, 98, 106, 114, 122, 132, 148, 164, 180, 196, 212, 228, 244
 ]  # fmt: skip

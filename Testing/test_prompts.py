@@ -1,6 +1,6 @@
 """Upstream prompt strings, chat rendering, answer post-processing and the blip_caption text processor.
 
-Expected literals are copied from docs/upstream-spec.md (sections 1.4, 1.5, 4.6, 6.1, 6.3, 7, 9).
+Expected literals are copied from docs/upstream.md (sections 1.4, 1.5, 4.6, 6.1, 6.3, 7, 9).
 """
 
 from __future__ import annotations

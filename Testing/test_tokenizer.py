@@ -175,7 +175,7 @@ def test_tiny_vocab_size_out_of_range_is_refused(tmp_path):
 
 def test_transformers_legacy_tokenizer_agrees_where_it_should(tok, tiny_dir):
     """transformers' LlamaTokenizer(legacy=True) matches 4.30 on upstream segments whose chunks do not start with
-    whitespace. Known differences (upstream-spec 9.1), not tested here: chunks that start with whitespace (at
+    whitespace. Known differences (docs/upstream.md 9.1), not tested here: chunks that start with whitespace (at
     the start, or right after a literal <s>/</s>), and decoding of broken byte-fallback runs."""
     transformers = pytest.importorskip("transformers")
     try:

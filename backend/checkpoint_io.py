@@ -1,7 +1,7 @@
 """Low-level checkpoint handling: reading `.pth` files safely, checking tensors against expectations, the
 explicit map between upstream state-dict names and this model's names, and file fingerprints.
 
-Name map (upstream-spec §2.3 and §9.1). Upstream trained with peft 0.2.0 and saved MiniGPT-level names:
+Name map (docs/upstream.md §2.3 and §9.1). Upstream trained with peft 0.2.0 and saved MiniGPT-level names:
   `llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`   (peft 0.2.0)
   `llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight`   (peft >= 0.3)
 This model wraps the LLaMA with current peft under the same attribute names, so its own names differ only in

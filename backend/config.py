@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """EVA ViT-g as MiniGPT-v2 builds it (upstream-spec §1.1)."""
+    """EVA ViT-g as MiniGPT-v2 builds it (docs/upstream.md §1.1)."""
 
     image_size: int = 448  # input side in pixels (square)
     patch_size: int = 14

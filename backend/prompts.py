@@ -1,4 +1,4 @@
-"""Every prompt string of upstream MiniGPT-v2 / MiniGPT-Pancreas, in one place (upstream-spec.md sections 1.4-1.5,
+"""Every prompt string of upstream MiniGPT-v2 / MiniGPT-Pancreas, in one place (docs/upstream.md sections 1.4-1.5,
 4.6, 6.1, 6.3 and 7).
 
 The markup ("[INST]", "<Img>", "[refer]", box strings) is plain text for the tokenizer; only "<s>" and "</s>" are

@@ -2,7 +2,7 @@
 
 Upstream loads `LlamaTokenizer.from_pretrained(path, use_fast=False)` (transformers 4.30, which predates the
 `legacy` switch) and sets `pad_token = "$$"`. Current transformers tokenizers differ from it even with
-`legacy=True` (upstream-spec.md section 9.1), so this class drives `sentencepiece` directly with the 4.30 rules:
+`legacy=True` (docs/upstream.md section 9.1), so this class drives `sentencepiece` directly with the 4.30 rules:
 
 Encoding (4.30 `PreTrainedTokenizer.tokenize` + `LlamaTokenizer._tokenize`):
   * the text is split on the literal special tokens "<s>", "</s>", "<unk>". They are `AddedToken(lstrip=False,

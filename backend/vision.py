@@ -1,4 +1,4 @@
-"""EVA ViT-g vision tower as MiniGPT-v2 builds it (upstream-spec §1.1), and its position-embedding interpolation.
+"""EVA ViT-g vision tower as MiniGPT-v2 builds it (docs/upstream.md §1.1), and its position-embedding interpolation.
 
 Module and parameter names equal the raw keys of `eva_vit_g.pth` (`patch_embed.proj.weight`, `blocks.3.attn.q_bias`,
 ...), so a checked raw state dict loads without renaming. Pre-norm blocks, LayerNorm eps 1e-6, q/v biases with a

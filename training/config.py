@@ -2,7 +2,7 @@
 
 The JSON file holds `output_dir`, `model` (where the starting weights come from), `datasets` (prepared task
 files with their sample ratios) and run settings whose defaults are upstream's (`minigptv2_finetune.yaml`,
-upstream-spec.md section 5.1). Relative paths are relative to the config file. Unknown keys are refused by name,
+docs/upstream.md section 5.1). Relative paths are relative to the config file. Unknown keys are refused by name,
 so a typo never silently falls back to a default.
 
 Output folder layout (written by `training.fit`, rank 0 only):

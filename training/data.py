@@ -1,5 +1,5 @@
 """Training data for `fit`: prepared task files as datasets, upstream's prompt sampling, and batches drawn the way
-upstream's loaders draw them (upstream-spec.md sections 4.6 and 5.1).
+upstream's loaders draw them (docs/upstream.md sections 4.6 and 5.1).
 
 * Each task entry (training/prepare/tasks.py) becomes (image, instruction, answer). Entries with a `phrase` are
   refer (detection) examples: instruction = a uniform choice from `REFER_TEMPLATES` with the phrase, answer = the

@@ -9,7 +9,7 @@ The output folder (`--out`) holds:
     metrics.json, tables.md, tables.csv   the model's numbers beside the baselines' (`evaluate_report`)
     iou_histograms.png, heatmaps.png, examples/   the figures (`evaluate_figures`)
 
-Prompts are upstream's evaluation prompts (upstream-spec.md 6.1, 6.3): "[refer] give me the location of the
+Prompts are upstream's evaluation prompts (docs/upstream.md 6.1, 6.3): "[refer] give me the location of the
 {phrase}" for detection entries (they carry a `phrase`), the fixed `TC_EVAL_PROMPT` for yes/no entries. The
 yes/no probability comes from the same answer's first-token logits. Scoring (`evaluate_scoring`) reads only the
 saved answers, so `rescore` compares protocols without the model.

@@ -31,7 +31,7 @@ CSV_COLUMNS = ("section", "task", "dataset", "subset", "variant", "predictor", "
                "tn", "fp", "fn", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "npv", "f1",
                "auc", "skipped")
 MODEL = "model"
-PUBLISHED = (  # upstream-spec.md 6.4; which protocol produced them is not stated (arXiv v1 predates E2/E3)
+PUBLISHED = (  # docs/upstream.md 6.4; which protocol produced them is not stated (arXiv v1 predates E2/E3)
     ("pancreas detection IoU, NIH", "0.595", "arXiv 2412.15925v1 abstract"),
     ("pancreas detection IoU, MSD", "0.550", "arXiv 2412.15925v1 abstract"),
     ("pancreas detection IoU, NIH+MSD", "0.57", "J Healthc Inform Res 2025"),

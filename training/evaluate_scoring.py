@@ -5,7 +5,7 @@ Detection tasks are scored with `SlicerMiniGPTPancreas.metrics.evaluate_detectio
 * `*_balanced_*` tasks use the balanced rules (TP/TN/FP/FN on present/absent, IoU over TP for E2/E3); E1 had no
   balanced rule and is reported as skipped.
 * The truth is each entry's `bbox`: for tumour detection that is the tumour box. Upstream HEAD scores tumour
-  answers against the pancreas box (upstream-spec.md 6.2); that bug is not reproduced.
+  answers against the pancreas box (docs/upstream.md 6.2); that bug is not reproduced.
 * AbdomenCT-1K (entries with an `organ`) is scored per organ and combined sample-weighted over organs, as
   upstream's `evaluate_datasets_ABD`; there E3 decodes with upstream's fixed factor 5.12 (512-px images).
 * Tasks that differ only in their dataset suffix (`pancreas_detection_nih` + `_msd`) are also combined
@@ -37,7 +37,7 @@ E1_BALANCED = "E1 (paper era) had no rule for balanced sets"
 
 NOTES = {
     "tumor": "Tumour detection is scored against the tumour box (each entry's bbox = bbox_tumor). Upstream HEAD "
-             "scores tumour answers against the pancreas box (upstream-spec.md 6.2); that bug is not reproduced.",
+             "scores tumour answers against the pancreas box (docs/upstream.md 6.2); that bug is not reproduced.",
     "balanced": "Balanced sets (with empty slices): E2/E3/STRICT classify each slice TP/TN/FP/FN; E2/E3 average "
                 "IoU over TP only and skip unreadable answers, STRICT averages over every slice with the structure "
                 "and counts unreadable answers as misses. E1 had no balanced rule and is not reported.",
@@ -46,7 +46,7 @@ NOTES = {
     "combined": "'weighted' rows combine datasets as sum(metric * n) / sum(n) (upstream's NIH+MSD number).",
     "tc_upstream": "tumor_classification_upstream reproduces the paper's TC set: MSD tumour slices vs NIH healthy "
                    "slices, cropped to the true pancreas box. It confounds hospital with label and uses an oracle "
-                   "crop (datasets.md, flaw 2); prefer tumor_classification.",
+                   "crop (docs/datasets.md, flaw 2); prefer tumor_classification.",
     "variants": "E1 = paper era (+1 IoU, hit IoU > 0.5, failures count 0); E2 = continuous IoU, mean over all; "
                 "E3 = upstream HEAD, mean over readable answers only; STRICT = ours (cell-centre decoding, pixel "
                 "extents, failures count 0). E1-E3 floor grid values as upstream did.",

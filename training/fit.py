@@ -1,6 +1,6 @@
 """One stage of the cascaded LoRA fine-tune (`minigpt-pancreas-train fit CONFIG.json`), top to bottom.
 
-Upstream's recipe (upstream-spec.md section 5.1), kept exactly unless noted:
+Upstream's recipe (docs/upstream.md section 5.1), kept exactly unless noted:
 * trainable: llama_proj + the LoRA matrices (the ViT, ln_vision and the LLaMA stay frozen). The demo cascade's
   stage 0 (`"train": "all"`, usually from `"scratch"`) trains every parameter but LoRA instead, standing in for
   MiniGPT-v2's own pre-training, and writes its base into each model folder (`training.base_weights`);

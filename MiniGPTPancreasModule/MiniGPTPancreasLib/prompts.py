@@ -1,6 +1,6 @@
 """The questions the module offers, as upstream MiniGPT-Pancreas was trained and evaluated to answer them.
 
-The strings are copies of backend/prompts.py (upstream-spec.md 4.6 and 6.3): the Slicer module must not import the
+The strings are copies of backend/prompts.py (docs/upstream.md 4.6 and 6.3): the Slicer module must not import the
 backend (torch). Testing/test_slicer_module.py checks that the copies still equal the backend's.
 """
 

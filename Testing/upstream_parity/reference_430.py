@@ -8,7 +8,7 @@ never in the project's. It writes, into OUT_DIR:
   - `reference.pt`: pixel values, questions, and upstream's first-token logits, generated ids and texts, and
     training loss;
 one such set per variant of VARIANTS (sizes, tokenizer kind, LLaMA file format) in OUT_DIR/<variant>/.
-The model code below follows upstream-spec.md (sections 1, 1.4 and 9) and runs the LLM, the tokenizer, LoRA and
+The model code below follows docs/upstream.md (sections 1, 1.4 and 9) and runs the LLM, the tokenizer, LoRA and
 generation through upstream's pinned transformers/peft, so the project's clean-room model is checked against the
 libraries the original checkpoints were made with. Usage: python reference_430.py OUT_DIR
 """
@@ -115,7 +115,7 @@ def interpolate_pos_embed(state: dict, grid: int) -> None:
 
 
 class UpstreamMiniGPTv2(nn.Module):
-    """MiniGPT-v2's forward paths as upstream-spec.md describes them."""
+    """MiniGPT-v2's forward paths as docs/upstream.md describes them."""
 
     def __init__(self, v: Variant, llama_dir: Path, vit_state: dict):
         super().__init__()

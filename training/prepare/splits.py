@@ -1,7 +1,7 @@
 """One seeded train/test (and val) split by volume, shared by every task and every stage of the cascade.
 
 Upstream drew each task's split on its own and unseeded, so a tumour-test volume could train the pancreas
-detector of the same cascade (datasets.md, flaw 3). Here each volume gets ONE split, written to
+detector of the same cascade (docs/datasets.md, flaw 3). Here each volume gets ONE split, written to
 `OUT/splits.json`, and every task set is cut from it: no test volume of one task is a training volume of another.
 
 Rules, in order:

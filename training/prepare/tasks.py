@@ -22,7 +22,7 @@ A slice is selected when its box ratio is strictly greater than `threshold` (ups
   negatives = as many NIH pancreas-detection slices drawn at random, every image cropped to the ground-truth
   pancreas box with PIL's exclusive right/bottom (the last row and column are lost) and written to
   `OUT/tasks/tumor_classification_upstream_crops/`; width/height are the crop's. It confounds hospital with
-  label and uses an oracle crop (datasets.md, flaw 2). Crops with zero width or height are left out.
+  label and uses an oracle crop (docs/datasets.md, flaw 2). Crops with zero width or height are left out.
   Its val file pairs the val entries of the two sets it is derived from, like its train and test files.
 """
 
