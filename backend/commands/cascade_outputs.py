@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from backend.cascade_sweep import QUESTIONS, CascadeAnswers
-from backend.commands.predict_outputs import COORDINATES, BoxRecord, box_records, write_box_files, write_json
-from SlicerMiniGPTPancreas import geometry, preprocess
+from backend.commands.predict_outputs import (COORDINATES, BoxRecord, box_records, write_box_files, write_json,
+                                              write_overlay_pngs)
+from SlicerMiniGPTPancreas import geometry
 
 TUMOUR_COLOR = (255, 150, 0)
 Box = tuple[float, float, float, float]
@@ -55,17 +54,10 @@ def write_cascade_outputs(folder: Path, view: geometry.ModelView, slices: Sequen
 def _write_overlays(folder: Path, view: geometry.ModelView, pancreas: list[BoxRecord], tumour: list[BoxRecord],
                     truth: Mapping[int, Sequence[Box]], variant: str) -> list[str]:
     """One PNG per slice with a predicted or a true box: truth green, pancreas red, tumour orange."""
-    from backend.overlays import PREDICTION_COLOR, TRUTH_COLOR, OverlayBox, draw_overlay
+    from backend.overlays import PREDICTION_COLOR, TRUTH_COLOR, OverlayBox
 
-    folder.mkdir()
-    digits = len(str(view.shape[0] - 1))
-    names = []
-    for s in sorted({r.slice for r in pancreas + tumour} | set(truth)):
-        boxes = [OverlayBox(box, TRUTH_COLOR) for box in truth.get(s, ())]
-        boxes += [OverlayBox(r.box, PREDICTION_COLOR, f"P {r.confidence:.2f}") for r in pancreas if r.slice == s]
-        boxes += [OverlayBox(r.box, TUMOUR_COLOR, f"T {r.confidence:.2f}") for r in tumour if r.slice == s]
-        rgb = preprocess.hu_slice_to_rgb(np.asarray(view.slice(s)), variant=variant)  # [R, C, 3] uint8
-        name = f"slice_{s:0{digits}d}.png"
-        draw_overlay(rgb, boxes).save(folder / name)
-        names.append(name)
-    return names
+    boxes: dict[int, list] = {s: [OverlayBox(box, TRUTH_COLOR) for box in true] for s, true in truth.items()}
+    for records, color, tag in ((pancreas, PREDICTION_COLOR, "P"), (tumour, TUMOUR_COLOR, "T")):
+        for r in records:
+            boxes.setdefault(r.slice, []).append(OverlayBox(r.box, color, f"{tag} {r.confidence:.2f}"))
+    return write_overlay_pngs(folder, view, boxes, variant)

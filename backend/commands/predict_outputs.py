@@ -115,15 +115,26 @@ def write_json(path: Path, data: dict) -> None:
 
 def _write_overlays(folder: Path, view: geometry.ModelView, records: list[BoxRecord], variant: str) -> list[str]:
     """One PNG per slice with boxes: the model's 8-bit view of the slice, its boxes and their confidences."""
-    from backend.overlays import PREDICTION_COLOR, OverlayBox, draw_overlay
+    from backend.overlays import PREDICTION_COLOR, OverlayBox
+
+    boxes: dict[int, list] = {}
+    for r in records:
+        boxes.setdefault(r.slice, []).append(OverlayBox(r.box, PREDICTION_COLOR, f"{r.confidence:.2f}"))
+    return write_overlay_pngs(folder, view, boxes, variant)
+
+
+def write_overlay_pngs(folder: Path, view: geometry.ModelView, boxes_by_slice: dict[int, list],
+                       variant: str) -> list[str]:
+    """`folder/slice_NN.png` for each slice with boxes: the model's 8-bit view of the slice with its
+    `backend.overlays.OverlayBox`es drawn; returns the file names."""
+    from backend.overlays import draw_overlay
 
     folder.mkdir()
     digits = len(str(view.shape[0] - 1))
     names = []
-    for s in sorted({r.slice for r in records}):
+    for s in sorted(boxes_by_slice):
         rgb = preprocess.hu_slice_to_rgb(np.asarray(view.slice(s)), variant=variant)  # [R, C, 3] uint8
-        boxes = [OverlayBox(r.box, PREDICTION_COLOR, f"{r.confidence:.2f}") for r in records if r.slice == s]
         name = f"slice_{s:0{digits}d}.png"
-        draw_overlay(rgb, boxes).save(folder / name)
+        draw_overlay(rgb, boxes_by_slice[s]).save(folder / name)
         names.append(name)
     return names
