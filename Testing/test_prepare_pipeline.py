@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -269,3 +270,52 @@ def test_rerunning_without_val_removes_the_val_sets_and_restores_the_outputs(pre
     assert "changed split since the last run" in capsys.readouterr().out
     assert (out / "splits.json").read_bytes() == (prepared[0] / "splits.json").read_bytes()
     assert _task_files(out) == _task_files(prepared[0])  # no stale _val.json left to pick epochs on
+
+
+def _slab(phantom, keep: slice, source=None, replace: slice | None = None):
+    """The phantom cut to slices `keep` (LPS: k is the model slice), with slices `replace` taken from `source`."""
+    arrays = {}
+    for name in ("hu", "labels", "organs", "kidney_sides"):
+        array = getattr(phantom, name).copy()
+        if replace is not None:
+            array[replace] = getattr(source, name)[replace]
+        arrays[name] = array[keep]
+    return dataclasses.replace(phantom, **arrays)
+
+
+def _prepare_quietly(args: list[str]) -> tuple[int, str]:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = main(["prepare", *args, "--workers", "1", "--quiet"])
+    return code, printed.getvalue()
+
+
+def test_cropped_and_offset_copies_are_grouped_and_reported_in_the_summary(tmp_path):
+    first, second = _phantom(51), _phantom(52)
+    write_msd(tmp_path / "msd", [first, second, _phantom(53)])
+    cropped = _slab(first, slice(1, -1))  # one slice less at each end: the other slices byte-identical
+    offset = dataclasses.replace(second, hu=second.hu + 1000)  # stored with another intercept
+    write_abdomenct1k(tmp_path / "abd", [cropped, offset, _phantom(54)])
+    config = tmp_path / "prepare.json"
+    config.write_text(json.dumps({"roots": {"msd": "msd", "abdomenct1k": "abd"}, "seed": 42}))
+    code, printed = _prepare_quietly(["--all", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert code == 0, printed
+    groups = _read(tmp_path / "out" / "summary.json")["duplicate_groups"]
+    assert [[(m["dataset"], m["volume"], m["match"]) for m in g] for g in groups] == [
+        [("msd", "pancreas_001", "slices"), ("abdomenct1k", "Case_00001_0000", "slices")],
+        [("msd", "pancreas_002", "slices"), ("abdomenct1k", "Case_00002_0000", "slices")]]
+
+
+def test_a_test_slice_trained_on_elsewhere_stops_prepare_before_it_writes_any_set(tmp_path):
+    first, second = _phantom(61), _phantom(62)
+    write_msd(tmp_path / "msd", [first, second])
+    # mostly the second scan, two slices of the first: too few shared slices to be grouped with the first
+    write_abdomenct1k(tmp_path / "abd", [_slab(second, slice(None), first, slice(7, 9))])
+    config = tmp_path / "prepare.json"
+    config.write_text(json.dumps({"roots": {"msd": "msd", "abdomenct1k": "abd"}, "seed": 42, "threshold": 0.1,
+                                  "test_ratio": 0.5}))
+    code, printed = _prepare_quietly(["--all", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "test slices have the same content as training slices" in printed and "slice 7" in printed
+    assert "remove one of the copies" in printed and "Traceback" not in printed
+    assert not (tmp_path / "out" / "splits.json").exists() and not (tmp_path / "out" / "tasks").exists()

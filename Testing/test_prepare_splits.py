@@ -9,8 +9,9 @@ import zlib
 import numpy as np
 import pytest
 
+from training.prepare.fingerprint import fingerprint
 from training.prepare.records import mask_stats, volume_records
-from training.prepare.splits import make_splits, split_of
+from training.prepare.splits import leaked_slices, make_splits, split_of
 from training.prepare.tasks import TaskBuilder
 
 
@@ -245,3 +246,73 @@ def test_val_task_sets_follow_the_train_rules_and_the_upstream_set_pairs_val_wit
             assert by_split["val"] == as_split["train"][task]["train"]
     upstream = as_split["val"]["tumor_classification_upstream"]["val"]
     assert {(e["dataset"], e["answer"]) for e in upstream} == {("MSD", "yes"), ("NIH", "no")}
+
+
+def _scan(seed: int, slices: int = 40) -> np.ndarray:
+    """A model-view HU array [S, 24, 24]: a body of random tissue on air, two padding slices at each end."""
+    hu = np.full((slices, 24, 24), -1024, np.int16)
+    hu[2:-2, 4:20, 4:20] = np.random.default_rng(seed).integers(-100, 300, (slices - 4, 16, 16))
+    return hu
+
+
+def _fingerprinted(dataset: str, volume: str, hu: np.ndarray) -> dict:
+    prints = fingerprint(hu, (0.8, 0.8, 2.5))
+    return {"dataset": dataset, "volume": volume, "shape": list(hu.shape), "spacing": [0.8, 0.8, 2.5],
+            "volume_hash": prints.volume_hash, "signature": prints.signature,
+            "slice_signatures": prints.slice_signatures}
+
+
+def test_a_copy_cropped_by_a_slice_at_each_end_or_stored_with_an_offset_is_the_same_scan():
+    nih = [_fingerprinted("nih", f"PANCREAS_{n:04d}", _scan(n)) for n in range(1, 11)]
+    cropped = _fingerprinted("abdomenct1k", "Case_00001_0000", _scan(1)[1:-1])  # 38 of 40 slices, byte-identical
+    offset = _fingerprinted("abdomenct1k", "Case_00002_0000", _scan(2) + 1000)  # another rescale intercept
+    other = _fingerprinted("abdomenct1k", "Case_00003_0000", _scan(99))  # another patient, same padding slices
+    document = make_splits(nih + [cropped, offset, other], 42, 0.2, "same-split")
+    groups = {tuple((m["dataset"], m["volume"], m["match"]) for m in g) for g in document["duplicate_groups"]}
+    assert groups == {(("nih", "PANCREAS_0001", "slices"), ("abdomenct1k", "Case_00001_0000", "slices")),
+                      (("nih", "PANCREAS_0002", "slices"), ("abdomenct1k", "Case_00002_0000", "slices"))}
+    split = split_of(document)
+    assert split[("abdomenct1k", "Case_00001_0000")] == split[("nih", "PANCREAS_0001")]
+    assert split[("abdomenct1k", "Case_00002_0000")] == split[("nih", "PANCREAS_0002")]
+
+
+def test_a_test_slice_whose_content_is_trained_on_is_reported():
+    shared = _scan(5)
+    mixed = _scan(6)
+    mixed[10:12] = shared[10:12]  # 2 of 36 informative slices: too few to call it the same scan
+    metas = [_fingerprinted("msd", "pancreas_001", shared), _fingerprinted("msd", "pancreas_002", mixed)]
+    assert make_splits(metas, 42, 0.5, "same-split")["duplicate_groups"] == []
+    pancreas = np.zeros((40, 24, 24), bool)
+    pancreas[2:-2, 6:18, 6:18] = True
+    builder = TaskBuilder(threshold=0.6, seed=42)
+    for (volume, split) in (("pancreas_001", "test"), ("pancreas_002", "train")):
+        builder.add_volume("msd", volume, split, _volume({"pancreas": pancreas, "tumor": np.zeros_like(pancreas)},
+                                                         volume=volume))
+    leaks = leaked_slices(metas, builder.finish())
+    assert "pancreas_detection_msd/test msd/pancreas_001 slice 10 = pancreas_detection_msd/train msd/pancreas_002 " \
+           "slice 10" in leaks
+    assert {leak.split(" = ")[0].rsplit(" ", 1)[1] for leak in leaks} == {"10", "11"}
+
+
+def _pancreas_ratios(entries: list[dict], answer: str) -> list[float]:
+    return sorted(e["pancreas_bbox_ratio"] for e in entries if e["answer"] == answer)
+
+
+def test_tumour_yes_no_classes_are_selected_by_one_pancreas_rule_so_pancreas_size_is_no_shortcut():
+    pancreas = np.zeros((17, 40, 40), bool)
+    tumour = np.zeros_like(pancreas)
+    for s, side in enumerate(range(33, 41)):  # slices 0-7: tumour-free, box ratios 0.67 ... 1.0
+        pancreas[s, :side, :side] = True
+    pancreas[10:14, :6, :6] = tumour[10:14, :6, :6] = True  # a tiny pancreas that is all tumour (ratio 0.02)
+    pancreas[14:17, :34, :34] = True  # pancreas ratio 0.72 with a small tumour in it
+    tumour[14:17, 2:6, 2:6] = True
+    builder = TaskBuilder(threshold=0.6, seed=42)
+    builder.add_volume("msd", "pancreas_003", "train", _volume({"pancreas": pancreas, "tumor": tumour},
+                                                               volume="pancreas_003"))
+    entries = builder.finish()["tumor_classification"]["train"]
+    yes, no = _pancreas_ratios(entries, "yes"), _pancreas_ratios(entries, "no")
+    # selected by the tumour's own box ratio, "yes" was the tiny pancreas (0.02) against "no" >= 0.67: a pancreas
+    # size threshold answered perfectly. One rule, then matching, leaves the classes the same pancreas sizes.
+    assert yes == [0.72, 0.72, 0.72]
+    assert no == [0.67, 0.72, 0.76]
+    assert {e["slice_index"] for e in entries if e["answer"] == "yes"} == {14, 15, 16}

@@ -5,7 +5,8 @@ Output folder layout (OUT):
     OUT/<dataset>/volumes/<volume>.json           per-volume metadata and fingerprints
     OUT/<dataset>/records/<volume>.json           per-volume list of slice records (the resume marker)
     OUT/<dataset>/<NIH|MSD|ABD>_slices_info.json  all of a dataset's records in one list, as upstream's file
-    OUT/splits.json                               the one split shared by every task (splits.py)
+    OUT/splits.json                               the one split shared by every task (splits.py); neither it nor
+                                                  a task set is written if a test slice's content is trained on
     OUT/tasks/<task>_{train,test}.json            task sets (tasks.py); also <task>_val.json with val_ratio > 0
     OUT/summary.json, OUT/problems.json           the Table-1-style summary; what could not be prepared
 The numbering, split, task and summary steps always run over EVERY volume finished in OUT, not only this
@@ -26,7 +27,8 @@ from typing import Any, Callable
 
 from training.prepare.discovery import Discovery, VolumeSource, discover
 from training.prepare.files import (DATASETS, PrepareError, Problem, atomic_write_json, is_within, read_json)
-from training.prepare.splits import DUPLICATE_POLICIES, make_splits, moved_volumes, split_names, split_of
+from training.prepare.splits import (DUPLICATE_POLICIES, leaked_slices, make_splits, moved_volumes, split_names,
+                                     split_of)
 from training.prepare.summary import DEFAULT_THRESHOLDS, SliceCounter, format_table
 from training.prepare.tasks import TaskBuilder, write_tasks
 from training.prepare.volume_job import (INTENSITIES, LABEL_GEOMETRIES, VolumeOutcome, VolumeSettings, is_finished,
@@ -198,7 +200,6 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
         if moved:
             echo(f"warning: {len(moved)} volumes changed split since the last run ({', '.join(moved[:3])}...): "
                  "models trained on the old split must not be validated or evaluated on the new one.")
-    atomic_write_json(splits_file, document, only_if_changed=True)
     split = split_of(document)
     builder = TaskBuilder(options.threshold, options.seed, options.organ_balance, split_names(options.val_ratio))
     counter = SliceCounter(options.summary_thresholds)
@@ -212,13 +213,26 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
         if (dataset, volume) in split:
             builder.add_volume(dataset, volume, split[(dataset, volume)], records)
             counter.add_volume(dataset, split[(dataset, volume)], records)
-    task_counts = write_tasks(out, builder.finish())
+    tasks = builder.finish()
+    _refuse_leaks(metas, tasks)
+    atomic_write_json(splits_file, document, only_if_changed=True)
+    task_counts = write_tasks(out, tasks)
     for dataset, records in slices_info.items():
         if records:  # upstream's *_slices_info.json: every slice of every volume, for tools that expect it
             atomic_write_json(out / dataset / f"{records[0]['dataset']}_slices_info.json", records,
                               only_if_changed=True)
     return {"options": _options_json(options), "table": counter.table(), "tasks": task_counts,
             "duplicate_groups": document["duplicate_groups"], "dropped": document["dropped"], "notes": notes}
+
+
+def _refuse_leaks(metas: list[dict[str, Any]], tasks: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """Stop before writing any split or task file if a test slice's content is also trained on."""
+    leaks = leaked_slices(metas, tasks)
+    if leaks:
+        raise PrepareError(
+            f"{len(leaks)} test slices have the same content as training slices, e.g. {'; '.join(leaks[:3])}. "
+            "These volumes share slices but too few to be grouped as one scan: remove one of the copies from its "
+            "dataset folder and run prepare again.")
 
 
 def _numbered_records(out: Path, dataset: str, volume: str, first_id: int) -> list[dict[str, Any]]:

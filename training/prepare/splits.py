@@ -5,8 +5,11 @@ detector of the same cascade (docs/datasets.md, flaw 3). Here each volume gets O
 `OUT/splits.json`, and every task set is cut from it: no test volume of one task is a training volume of another.
 
 Rules, in order:
-1. Duplicate groups: volumes whose fingerprints match (`fingerprint.py`: exact hash or near duplicate), even in
-   different datasets, form one group (AbdomenCT-1K re-distributes NIH and MSD scans).
+1. Duplicate groups: volumes whose fingerprints match (`fingerprint.py`: exact hash, near duplicate, or at least
+   a quarter of the smaller volume's informative slices with the same offset-invariant content), even in
+   different datasets, form one group (AbdomenCT-1K re-distributes NIH and MSD scans, possibly cropped by a few
+   slices or with another rescale intercept). After the task sets are cut, `prepare` refuses to write them if
+   any slice content still appears in both a training (train/val) and a test set (`leaked_slices`).
 2. `duplicates="same-split"` (default) keeps every copy and puts a whole group in one split;
    `duplicates="drop"` keeps one copy per group, the first in dataset order nih, msd, abdomenct1k (then by
    name), and lists the others under "dropped" so the task sets leave them out.
@@ -29,18 +32,24 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from training.prepare.files import DATASETS
+from training.prepare.files import DATASETS, UPSTREAM_DATASET
 from training.prepare.fingerprint import is_near_duplicate
 
 DUPLICATE_POLICIES = ("same-split", "drop")
+SHARED_SLICE_FRACTION = 0.25  # two different patients share no slice; a crop or offset copy shares nearly all
+_MATCH_KINDS = ("exact", "near", "slices")
 Key = tuple[str, str]  # (dataset, volume)
 
 
 def duplicate_groups(metas: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
-    """Groups (size >= 2) of volumes that are the same scan, each member {"dataset", "volume", "match"}."""
+    """Groups (size >= 2) of volumes that are the same scan, each member {"dataset", "volume", "match"}.
+
+    "match" is how the member was joined, the strongest first: "exact" (same volume hash), "near" (same shape,
+    block means within 2 HU) or "slices" (shares SHARED_SLICE_FRACTION of its informative slices' content).
+    """
     keys = [(meta["dataset"], meta["volume"]) for meta in metas]
     parent = list(range(len(metas)))
-    exact: set[tuple[int, int]] = set()
+    match = [""] * len(metas)
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -48,30 +57,48 @@ def duplicate_groups(metas: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
             i = parent[i]
         return i
 
+    def join(i: int, j: int, kind: str) -> None:
+        parent[root(i)] = root(j)
+        for k in (i, j):
+            match[k] = min(match[k] or kind, kind, key=_MATCH_KINDS.index)
+
     by_hash: dict[str, int] = {}
     by_shape: dict[tuple, list[int]] = {}
     for i, meta in enumerate(metas):
         first = by_hash.setdefault(meta["volume_hash"], i)
         if first != i:
-            parent[root(i)] = root(first)
-            exact.add((first, i))
+            join(i, first, "exact")
             continue
         for j in by_shape.setdefault(tuple(meta["shape"]), []):
             if root(i) != root(j) and is_near_duplicate(metas[j], meta):
-                parent[root(i)] = root(j)
+                join(i, j, "near")
         by_shape[tuple(meta["shape"])].append(i)
+    for i, j in shared_slice_pairs(metas):
+        join(i, j, "slices")
     members: dict[int, list[int]] = {}
     for i in range(len(metas)):
         members.setdefault(root(i), []).append(i)
-    groups = []
-    for indices in members.values():
-        if len(indices) < 2:
-            continue
-        hashes = [metas[i]["volume_hash"] for i in indices]
-        groups.append([{"dataset": keys[i][0], "volume": keys[i][1],
-                        "match": "exact" if hashes.count(metas[i]["volume_hash"]) > 1 else "near"}
-                       for i in sorted(indices, key=lambda i: _order(keys[i]))])
+    groups = [[{"dataset": keys[i][0], "volume": keys[i][1], "match": match[i]}
+               for i in sorted(indices, key=lambda i: _order(keys[i]))]
+              for indices in members.values() if len(indices) >= 2]
     return sorted(groups, key=lambda group: _order((group[0]["dataset"], group[0]["volume"])))
+
+
+def shared_slice_pairs(metas: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Index pairs (i < j) of volumes sharing at least SHARED_SLICE_FRACTION of the smaller one's informative
+    slice signatures: the same scan cropped by some slices, or stored with a value offset."""
+    signatures = [{s for s in meta.get("slice_signatures") or [] if s} for meta in metas]
+    holders: dict[str, list[int]] = {}
+    for i, own in enumerate(signatures):
+        for signature in own:
+            holders.setdefault(signature, []).append(i)
+    shared: dict[tuple[int, int], int] = {}
+    for indices in holders.values():
+        for a, i in enumerate(indices):
+            for j in indices[a + 1:]:
+                shared[(i, j)] = shared.get((i, j), 0) + 1
+    return sorted(pair for pair, count in shared.items()
+                  if count >= SHARED_SLICE_FRACTION * min(len(signatures[pair[0]]), len(signatures[pair[1]])))
 
 
 def split_names(val_ratio: float) -> tuple[str, ...]:
@@ -155,3 +182,26 @@ def moved_volumes(previous: dict[str, Any], current: dict[str, Any]) -> list[str
 
 def _order(key: tuple[str, str]) -> tuple[int, str]:
     return DATASETS.index(key[0]), key[1]
+
+
+def leaked_slices(metas: list[dict[str, Any]], tasks: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """Slices of a test set whose content (offset-invariant signature) is also in a train or val set of any
+    task, as "task/test dataset/volume slice s = dataset/volume slice t"; empty when nothing leaked."""
+    signature_of = {(meta["dataset"], meta["volume"]): meta.get("slice_signatures") or [] for meta in metas}
+    dataset_of = {upstream: dataset for dataset, upstream in UPSTREAM_DATASET.items()}
+
+    def slices(split_is_test: bool):
+        for task, by_split in tasks.items():
+            for split, entries in by_split.items():
+                if (split == "test") != split_is_test:
+                    continue
+                for entry in entries:
+                    where = (dataset_of[entry["dataset"]], entry["volume"])
+                    signatures = signature_of.get(where, [])
+                    index = entry["slice_index"]
+                    if index < len(signatures) and signatures[index]:
+                        yield signatures[index], f"{task}/{split} {where[0]}/{where[1]} slice {index}"
+
+    trained = dict(slices(split_is_test=False))
+    return sorted({f"{place} = {trained[signature]}" for signature, place in slices(split_is_test=True)
+                   if signature in trained})

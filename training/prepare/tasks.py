@@ -16,8 +16,11 @@ A slice is selected when its box ratio is strictly greater than `threshold` (ups
   upstream's meaning), spleen and pancreas, with upstream's compact keys (organ, pixels, pixels_ratio, bbox,
   bbox_ratio); with organ balancing (default, as upstream) every organ is subsampled to the rarest one's count.
 - `tumor_classification` (ours, the default for training): positives and negatives come from the SAME MSD
-  volumes, full slices. Per volume: positives = slices with tumour box ratio > threshold; negatives = slices
-  with pancreas box ratio > threshold and no tumour pixel; the larger side is subsampled to the smaller.
+  volumes, full slices, selected by ONE rule: per volume, the slices with pancreas (tumour included) box ratio
+  > threshold, answered "yes" when they hold a tumour pixel and "no" otherwise. The larger class is cut to the
+  smaller by taking, for each slice of the smaller, the unused slice nearest in pancreas box ratio, so that
+  pancreas size is no shortcut to the answer. (Before: positives by tumour box ratio, negatives by pancreas
+  box ratio, which let pancreas size and level predict the answer.)
 - `tumor_classification_upstream` (to reproduce the paper only): positives = all MSD tumour-detection slices,
   negatives = as many NIH pancreas-detection slices drawn at random, every image cropped to the ground-truth
   pancreas box with PIL's exclusive right/bottom (the last row and column are lost) and written to
@@ -90,14 +93,15 @@ class TaskBuilder:
         self._add(balanced, split, [_detection_entry(r, balanced, target) for r in chosen])
 
     def _tumor_classification(self, split: str, records: list[dict], volume: str) -> None:
-        positives = [r for r in records if r["tumor_bbox_ratio"] > self.threshold]
-        negatives = [r for r in records if r["pixels_tumor"] == 0 and r["pancreas_bbox_ratio"] > self.threshold]
-        n = min(len(positives), len(negatives))
-        rng = self._rng("tumor_classification", volume)
-        chosen = [(r, "yes") for r in rng.sample(positives, n)] + [(r, "no") for r in rng.sample(negatives, n)]
-        chosen.sort(key=lambda pair: pair[0]["slice_index"])
-        self._add("tumor_classification", split, [{**r, "task": "tumor_classification", "answer": answer}
-                                                  for r, answer in chosen])
+        # One selection rule for both answers, so that pancreas size and level cannot tell them apart.
+        candidates = [r for r in records if r["pancreas_bbox_ratio"] > self.threshold]
+        positives = [r for r in candidates if r["pixels_tumor"] > 0]
+        negatives = [r for r in candidates if r["pixels_tumor"] == 0]
+        fewer, more = sorted((positives, negatives), key=len)
+        kept = fewer + _nearest_in_pancreas_ratio(fewer, more, self._rng("tumor_classification", volume))
+        kept.sort(key=lambda r: r["slice_index"])
+        self._add("tumor_classification", split, [{**r, "task": "tumor_classification",
+                                                   "answer": "yes" if r["pixels_tumor"] > 0 else "no"} for r in kept])
 
     def _multi_organ(self, split: str, records: list[dict]) -> None:
         from SlicerMiniGPTPancreas.grammar import render_box
@@ -133,6 +137,18 @@ class TaskBuilder:
             drawn = self._rng(TC_UPSTREAM, split).sample(negatives, min(len(positives), len(negatives)))
             entries = [_crop_entry(e, "yes") for e in positives] + [_crop_entry(e, "no") for e in drawn]
             self._add(TC_UPSTREAM, split, [e for e in entries if e["width"] > 0 and e["height"] > 0])
+
+
+def _nearest_in_pancreas_ratio(targets: list[dict], pool: list[dict], rng: random.Random) -> list[dict]:
+    """One record of `pool` per target, each the unused one nearest in pancreas box ratio (then in slice
+    index), the targets taken in a seeded order: the larger class matched to the smaller one."""
+    pool, matched = list(pool), []
+    for target in rng.sample(targets, len(targets)):
+        best = min(pool, key=lambda r: (abs(r["pancreas_bbox_ratio"] - target["pancreas_bbox_ratio"]),
+                                        abs(r["slice_index"] - target["slice_index"])))
+        pool.remove(best)
+        matched.append(best)
+    return matched
 
 
 def _detection_entry(record: dict, task: str, target: str) -> dict[str, Any]:

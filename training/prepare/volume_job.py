@@ -27,7 +27,7 @@ from training.prepare.fingerprint import Fingerprint, fingerprint
 from training.prepare.readers import Volume, read_image, read_label
 from training.prepare.records import label_ids, structure_stats, volume_records
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata holds slice_signatures (shared-slice duplicate groups)
 INTENSITIES = ("window", "paper")
 LABEL_GEOMETRIES = ("check", "image")
 _LABEL_GRID_TOLERANCE_VOXELS = 0.25  # how far a label voxel centre may sit from the CT's, in voxels
@@ -140,6 +140,7 @@ def _meta(source: VolumeSource, settings: VolumeSettings, view: ModelView, spaci
         "source_label_file": source.label, "shape": list(view.shape), "spacing": list(spacing),
         "model_to_ijk": view.model_to_ijk_matrix.tolist(), "ijk_to_ras": view.ijk_to_ras.tolist(),
         "volume_hash": prints.volume_hash, "signature": prints.signature,
+        "slice_signatures": prints.slice_signatures,
     }
 
 
