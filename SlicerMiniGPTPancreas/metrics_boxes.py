@@ -110,17 +110,21 @@ _UPSTREAM_BOX = re.compile(r"\{<\d{1,3}><\d{1,3}><\d{1,3}><\d{1,3}>\}")
 
 
 def _upstream_grid(answer: object, variant: Variant) -> tuple[int, ...] | None:
-    """Upstream's parse: eval_ref.py cleaning + anchored regex, then exactly 4 integers by re.findall.
+    """Upstream's parse: eval_ref.py cleaning + anchored regex, then the integers by re.findall.
 
-    E1 runs findall on the answer; E2/E3 on str(list of answers), which reads the same digits for one answer.
-    Values up to 999 pass, swapped corners pass: upstream scored them as they were.
+    E1 (paper era) runs findall on the answer and keeps the FIRST four integers, so a second box after
+    "<delim>" or a trailing number does not fail the answer; E2/E3 run it on str(list of answers), which reads
+    the same digits, and need exactly four. Values up to 999 pass, swapped corners pass: upstream scored them
+    as they were.
     """
     if not isinstance(answer, str):
         return None
     cleaned = answer.replace("<unk>", "").replace(" ", "").strip()
     if not _UPSTREAM_BOX.match(cleaned):
         return None
-    integers = re.findall(r"\d+", cleaned if variant is Variant.E1 else str([cleaned]))
+    if variant is Variant.E1:
+        return tuple(int(i) for i in re.findall(r"\d+", cleaned)[:4])  # the anchored regex ensures four
+    integers = re.findall(r"\d+", str([cleaned]))
     return tuple(int(i) for i in integers) if len(integers) == 4 else None
 
 

@@ -87,6 +87,17 @@ def test_e1_uses_plus_one_and_counts_failures_as_zero():
     assert report.detection_accuracy == pytest.approx(2 / 3)
 
 
+def test_e1_reads_the_first_four_integers_as_upstream_did_and_the_others_still_need_exactly_four():
+    # upstream's paper-era E1 took findall(r"\d+")[:4]: a second box after <delim> and a trailing number are
+    # scored as box A (IoU 1 under +1); E2/E3 fail both answers, and STRICT the two-box one, as before.
+    second_box, trailing = A + "<delim>{<50><50><70><70>}", A + " 7"
+    e1 = _evaluate([second_box, trailing], "E1")
+    assert (e1.n_failed, e1.hits) == (0, 2) and e1.mean_iou == pytest.approx(1.0)
+    for variant in ("E2", "E3"):
+        assert _evaluate([second_box, trailing], variant).n_failed == 2
+    assert _evaluate([second_box], "STRICT").samples[0].failure == "expected one box, got 2"
+
+
 def test_e2_counts_failures_as_zero_in_the_mean():
     report = _evaluate([A, B, C], Variant.E2)
     assert report.mean_iou == pytest.approx((1 + 0.5 + 0) / 3)
