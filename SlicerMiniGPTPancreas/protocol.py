@@ -20,6 +20,7 @@ protocol_base.py the limits, ProtocolError, the field validators and the slice e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -30,7 +31,7 @@ import numpy as np
 from .protocol_base import (
     ID_PATTERN, MAX_CHAT_MESSAGES, MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, MAX_SLICE_SIDE, MAX_VOLUME_BYTES,
     MAX_VOLUME_SLICES, ProtocolError, SchemaT, check_choice, check_id, check_int16_array, check_shape,
-    check_spacing, check_str, check_volume_bytes, decode_slice, encode_slice, parse_api_version,
+    check_spacing, check_str, check_volume_bytes, decode_slice, encode_slice, excerpt, parse_api_version,
 )
 from .protocol_schemas import (
     ANSWER_KINDS, HEALTH_STATES, SWEEP_FINISHED_STATES, SWEEP_STATES, AnswerOptions, BoxResult, ChatMessage,
@@ -48,7 +49,7 @@ __all__ = [
     # errors
     "ErrorCode", "ErrorResponse", "ProtocolError", "ApiVersionError",
     # arrays on the wire
-    "encode_slice", "decode_slice", "encode_volume", "decode_volume",
+    "encode_slice", "decode_slice", "encode_volume", "decode_volume", "parse_volume_params", "excerpt",
     # messages
     "SchemaT", "AnswerOptions", "BoxResult", "SliceQueryRequest", "QueryResponse", "Health", "ModelInfo",
     "VolumeUploadResponse", "SweepJobRequest", "SweepJobStatus", "ChatMessage", "ChatRequest", "ChatResponse",
@@ -162,21 +163,33 @@ def encode_volume(volume_src: np.ndarray, spacing_mm: tuple[float, float, float]
 
 def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...]]:
     """Inverse of encode_volume: (read-only [S, R, C] int16 array, (col, row, slice) spacing in mm)."""
+    shape, spacing, n_bytes = parse_volume_params(params)
+    if len(body) != n_bytes:
+        raise ProtocolError("body", f"has {len(body)} bytes but shape {list(shape)} int16 needs {n_bytes}")
+    return np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(shape), spacing
+
+
+def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...], int]:
+    """The query string of a volume upload -> (shape, spacing, body bytes), checked before the body is read."""
     values = {}
     for key in ("shape", "dtype", "spacing_mm"):
         if key not in params:
             raise ProtocolError(key, "required query parameter is missing")
         values[key] = str(params[key]).split(",")
     if values["dtype"] != ["int16"]:
-        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {params['dtype']!r}")
+        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {excerpt(params['dtype'])}")
+    # Plain digits only: int() would also read "1_0" as 10 and " 7" as 7, and take any number of digits.
+    if not all(re.fullmatch(r"\d{1,9}", part) for part in values["shape"]):
+        raise ProtocolError("shape", f"expected comma-separated numbers S,R,C (whole, digits only), got "
+                                     f"{excerpt(params['shape'])}")
+    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in values["spacing_mm"]):
+        raise ProtocolError("spacing_mm", f"expected three comma-separated numbers in mm, got "
+                                          f"{excerpt(params['spacing_mm'])}")
     try:
-        shape = [int(part) for part in values["shape"]]
         spacing = [float(part) for part in values["spacing_mm"]]
     except ValueError as error:
-        raise ProtocolError("shape/spacing_mm", f"expected comma-separated numbers ({error})") from error
-    slices, rows, cols = check_shape(shape, "shape", (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
+        raise ProtocolError("spacing_mm", f"expected comma-separated numbers ({error})") from error
+    shape = check_shape([int(part) for part in values["shape"]], "shape",
+                        (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
     n_bytes = check_volume_bytes(shape, "shape")
-    if len(body) != n_bytes:
-        raise ProtocolError("body", f"has {len(body)} bytes but shape {shape} int16 needs {n_bytes}")
-    array = np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(slices, rows, cols)
-    return array, check_spacing(spacing, "spacing_mm", 3)
+    return shape, check_spacing(spacing, "spacing_mm", 3), n_bytes

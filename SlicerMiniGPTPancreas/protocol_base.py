@@ -24,6 +24,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_CHAT_MESSAGES = 64
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # volume and job ids: safe inside a URL path
+EXCERPT_CHARS = 80  # client input quoted back in an error message is cut to this length
 
 
 class ProtocolError(ValueError):
@@ -37,9 +38,9 @@ class ProtocolError(ValueError):
 
 def parse_api_version(text: Any, field: str = "api_version") -> tuple[int, int]:
     """'1.0' -> (1, 0); anything else raises ProtocolError."""
-    match = re.fullmatch(r"(\d+)\.(\d+)", text) if isinstance(text, str) else None
+    match = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", text) if isinstance(text, str) else None
     if match is None:
-        raise ProtocolError(field, f"expected a version 'MAJOR.MINOR' such as '1.0', got {text!r}")
+        raise ProtocolError(field, f"expected a version 'MAJOR.MINOR' such as '1.0', got {excerpt(text)}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -61,7 +62,8 @@ def decode_slice(payload: Any, field: str = "slice") -> np.ndarray:
             raise ProtocolError(f"{field}.{key}", "required field is missing")
     rows, cols = check_shape(payload["shape"], f"{field}.shape", (MAX_SLICE_SIDE, MAX_SLICE_SIDE))
     if payload["dtype"] != "int16":
-        raise ProtocolError(f"{field}.dtype", f"expected 'int16' (HU, little-endian), got {payload['dtype']!r}")
+        raise ProtocolError(f"{field}.dtype", f"expected 'int16' (HU, little-endian), got "
+                                              f"{excerpt(payload['dtype'])}")
     data = payload["data"]
     if not isinstance(data, str):
         raise ProtocolError(f"{field}.data", f"expected a base64 string, got {_type_name(data)}")
@@ -84,6 +86,19 @@ def decode_slice(payload: Any, field: str = "slice") -> np.ndarray:
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def excerpt(value: Any) -> str:
+    """`repr(value)` cut to EXCERPT_CHARS, for quoting client input in an error message (any size, any depth)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > EXCERPT_CHARS:
+        return f"a {_type_name(value)} of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** EXCERPT_CHARS:
+        return f"an integer of more than {EXCERPT_CHARS} digits"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep to print, or beyond Python's integer-to-text limit
+        return f"a {_type_name(value)} too large to quote"
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
 
 
 def check_int16_array(array: Any, field: str, ndim: int) -> None:
@@ -109,7 +124,7 @@ def check_volume_bytes(shape: tuple[int, ...] | list[int], field: str) -> int:
 def check_shape(shape: Any, field: str, limits: tuple[int, ...]) -> tuple[int, ...]:
     """One size in [1, limit] per dimension, as a tuple of ints."""
     if not isinstance(shape, (list, tuple)) or len(shape) != len(limits):
-        raise ProtocolError(field, f"expected {len(limits)} dimensions, got {shape!r}")
+        raise ProtocolError(field, f"expected {len(limits)} dimensions, got {excerpt(shape)}")
     for axis, (size, limit) in enumerate(zip(shape, limits)):
         check_int(size, f"{field}[{axis}]", 1, limit)
     return tuple(int(size) for size in shape)
@@ -118,9 +133,9 @@ def check_shape(shape: Any, field: str, limits: tuple[int, ...]) -> tuple[int, .
 def check_int(value: Any, field: str, low: int | None = None, high: int | None = None) -> int:
     """An integer (not a bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ProtocolError(field, f"expected an integer, got {_type_name(value)} {value!r}")
+        raise ProtocolError(field, f"expected an integer, got {_type_name(value)} {excerpt(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ProtocolError(field, f"{value} is outside the allowed range [{low}, {high}]")
+        raise ProtocolError(field, f"{excerpt(value)} is outside the allowed range [{low}, {high}]")
     return int(value)
 
 
@@ -128,8 +143,11 @@ def check_float(value: Any, field: str, low: float | None = None, high: float | 
                 positive: bool = False) -> float:
     """A finite number in [low, high] (> 0 if `positive`), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ProtocolError(field, f"expected a number, got {_type_name(value)} {value!r}")
-    number = float(value)
+        raise ProtocolError(field, f"expected a number, got {_type_name(value)} {excerpt(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise ProtocolError(field, f"{excerpt(value)} is too large for a number") from None
     if not math.isfinite(number) or (positive and number <= 0):
         raise ProtocolError(field, f"expected a finite{' positive' if positive else ''} number, got {number}")
     if (low is not None and number < low) or (high is not None and number > high):
@@ -145,13 +163,18 @@ def check_str(value: Any, field: str, max_len: int = 10_000, allow_empty: bool =
         raise ProtocolError(field, "must not be empty")
     if len(value) > max_len:
         raise ProtocolError(field, f"has {len(value)} characters, more than the limit of {max_len}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON can carry "\\ud800", which is no character at all
+        raise ProtocolError(field, f"is not valid text: a lone surrogate {value[error.start]!r} at position "
+                                   f"{error.start}; send UTF-8 text") from None
     return value
 
 
 def check_choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
     """One of `choices`."""
     if value not in choices:
-        raise ProtocolError(field, f"expected one of {', '.join(choices)}, got {value!r}")
+        raise ProtocolError(field, f"expected one of {', '.join(choices)}, got {excerpt(value)}")
     return value
 
 
@@ -165,7 +188,7 @@ def check_bool(value: Any, field: str) -> bool:
 def check_id(value: Any, field: str) -> str:
     """A volume or job id matching ID_PATTERN."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ProtocolError(field, f"expected 1-64 letters, digits, '-' or '_', got {value!r}")
+        raise ProtocolError(field, f"expected 1-64 letters, digits, '-' or '_', got {excerpt(value)}")
     return value
 
 

@@ -78,7 +78,7 @@ class SliceQueryRequest(Schema):
         self._set("prompt", check_str, MAX_PROMPT_CHARS)
         check_int16_array(self.slice_hu, "SliceQueryRequest.slice_hu", ndim=2)
         self._set("pixel_spacing_mm", check_spacing, 2)
-        self._set_optional("slice_index", check_int, 0)
+        self._set_optional("slice_index", check_int, 0, MAX_VOLUME_SLICES - 1)
         self._set_optional("volume_id", check_id)
         self._set("options", check_nested, AnswerOptions)
 
@@ -106,7 +106,7 @@ class QueryResponse(Schema):
         self._set_optional("yes", check_bool)
         self._set_optional("yes_probability", check_float, 0.0, 1.0)
         self._set_optional("reason", check_str, 10_000)
-        self._set_optional("slice_index", check_int, 0)
+        self._set_optional("slice_index", check_int, 0, MAX_VOLUME_SLICES - 1)
         self._set("queue_ms", check_float, 0.0)
         self._set("inference_ms", check_float, 0.0)
 

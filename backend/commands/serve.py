@@ -4,6 +4,11 @@ The port is taken before the model loads, so a port clash is reported at once; t
 thread while /healthz answers "loading" (the client shows "still loading", not "no server"). A host beyond loopback
 needs an access token (--token or $MINIGPT_PANCREAS_TOKEN), checked before anything else. Without --model or
 --upstream it serves the bundled demo model and says so first.
+
+Connections: at most --max-connections at once (more are answered 503), and one that sends nothing for --keep-alive
+seconds is closed. On SIGTERM or Ctrl+C it stops accepting connections and work, cancels the sweeps, answers every
+request still waiting (its result if the model gets to it within --grace seconds, else 503 "shutting down") and
+exits (backend/service/server.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from backend.commands.model_options import add_model_arguments, engine_from_args
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-GRACEFUL_SHUTDOWN_S = 5  # requests still waiting for the model when the server stops get this long
+MAX_CONNECTIONS = 64
+KEEP_ALIVE_S = 5.0
+GRACE_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=8,
                         help="slice queries waiting for the model before the server answers 'busy' (default 8)")
     parser.add_argument("--volume-memory", type=float, default=2.0, metavar="GIB",
-                        help="memory for uploaded volumes in GiB; the least recently used go first (default 2)")
+                        help="memory for uploaded volumes in GiB, uploads in progress included; the least recently "
+                             "used go first (default 2)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help=f"connections and requests at once; more are answered 503 (default {MAX_CONNECTIONS})")
+    parser.add_argument("--keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
+                        help=f"close a connection that sends nothing for this long (default {KEEP_ALIVE_S:g} s)")
+    parser.add_argument("--grace", type=float, default=GRACE_S, metavar="S",
+                        help="on shutdown, how long waiting requests may still get their answer; the rest get 503 "
+                             f"(default {GRACE_S:g} s)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -46,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, token)
     if not 1 <= args.port <= 65535:
         raise ServeSettingsError(f"--port must be in 1-65535, got {args.port}")
+    _check_limits(args)
     resolve_model_source(args)  # the model files exist (and which model, first, if it is the bundled one)
     args.device = resolve_device(args.device)  # before the port is taken: a missing GPU is reported at once
     sock = bind_socket(args.host, args.port)
@@ -53,6 +69,16 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args, sock, token)
     finally:
         sock.close()
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    from backend.service.security import ServeSettingsError
+
+    for option, value, low in (("--max-queue", args.max_queue, 1), ("--max-connections", args.max_connections, 1),
+                               ("--volume-memory", args.volume_memory, 1 / 1024),
+                               ("--keep-alive", args.keep_alive, 0.1), ("--grace", args.grace, 0)):
+        if not value >= low:  # also refuses nan
+            raise ServeSettingsError(f"{option} must be at least {low:g}, got {value:g}")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -84,17 +110,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _serve(args: argparse.Namespace, sock: socket.socket, token: str | None) -> int:
     from functools import partial
 
-    import uvicorn
-
     from backend.service import ServiceLimits, create_app
+    from backend.service.server import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     limits = ServiceLimits(max_queue=args.max_queue, volume_memory_bytes=int(args.volume_memory * (1 << 30)))
     app = create_app(load_engine=partial(engine_from_args, args), token=token, limits=limits,
                      constrain_boxes=args.constrain_boxes, device_hint=args.device)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = uvicorn.Server(config)
+    server = make_server(app, args.host, args.port, log_level=args.log_level, grace_s=args.grace,
+                         keep_alive_s=args.keep_alive, max_connections=args.max_connections)
     access = "an access token is required" if token else "no token: this computer only"
     print(f"MiniGPT-Pancreas server on http://{args.host}:{args.port} ({access}); loading the model on {args.device} "
           "(GET /healthz says 'ok' when ready; Ctrl+C stops)", flush=True)

@@ -1,7 +1,8 @@
 """`create_app`: the FastAPI application around one inference engine (or a function that loads it).
 
 The app's lifespan starts the engine thread and, on shutdown, cancels the sweeps, fails the requests still
-waiting and stops the thread. Run it with uvicorn (`minigpt-pancreas serve` does, on 127.0.0.1:8765 by default).
+waiting and stops the thread. Run it with `server.make_server` (`minigpt-pancreas serve` does, on 127.0.0.1:8765 by
+default): its shutdown first lets the service answer every waiting request within the grace period.
 """
 
 from __future__ import annotations

@@ -4,20 +4,29 @@ Bodies are read by hand rather than by FastAPI's pydantic models: the protocol's
 message (one validator for client and server), and a size limit must stop a body before it is held in memory.
 A body found too large is drained (up to DRAIN_LIMIT_BYTES) before the 413 is sent: a server that answers and
 closes while the client is still sending makes the client see a connection reset instead of the 413.
+
+Memory is committed only after what can be checked without the body was: a volume upload's shape comes from the
+query string, so its size, the server's capacity and the Content-Length are checked first and the bytes then land
+in one array of exactly that size; a query's queue room is checked before its body is read (routes); and at most
+`BodySlots.limit` JSON bodies are read or parsed at once, the rest answered 503.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from SlicerMiniGPTPancreas import protocol as p
 
-from .errors import ApiError
+from .errors import ApiError, busy
 
 DRAIN_LIMIT_BYTES = 64 << 20
 # A slice query carries the largest slice as base64, plus the prompt and options; a chat adds its messages.
@@ -34,12 +43,38 @@ def _declared_length(request: Request) -> int | None:
     return int(value)
 
 
-async def _too_large(request: Request, size: str, limit: int) -> ApiError:
+class BodySlots:
+    """At most `limit` JSON bodies read or parsed at once (each may take tens of MiB); beyond it 503 at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def take(self) -> Iterator[None]:
+        with self._lock:
+            if self._used >= self.limit:
+                raise busy(f"the server is already reading {self.limit} request bodies; try again in a moment", 1)
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
+
+
+async def drain(request: Request) -> None:
+    """Read and drop what the client still sends (up to DRAIN_LIMIT_BYTES), so that it hears the error reply."""
     drained = 0
     async for chunk in request.stream():
         drained += len(chunk)
         if drained > DRAIN_LIMIT_BYTES:
             break
+
+
+async def _too_large(request: Request, size: str, limit: int) -> ApiError:
+    await drain(request)
     return ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
                     f"the request body has {size} bytes, more than this endpoint's limit of {limit} bytes")
 
@@ -57,6 +92,32 @@ async def read_body(request: Request, limit: int) -> bytearray:
     return body
 
 
+async def read_exactly(request: Request, n_bytes: int) -> np.ndarray:
+    """A body of exactly `n_bytes` (Content-Length, if given, was checked) into one uint8 array of that size."""
+    buffer = np.empty(n_bytes, np.uint8)
+    received = 0
+    async for chunk in request.stream():
+        if received + len(chunk) > n_bytes:
+            await drain(request)
+            raise ApiError(p.ErrorCode.VALIDATION, f"body: has more than the {n_bytes} bytes the shape needs")
+        buffer[received:received + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        received += len(chunk)
+    if received != n_bytes:
+        raise ApiError(p.ErrorCode.VALIDATION, f"body: has {received} bytes but the shape needs {n_bytes}")
+    return buffer
+
+
+async def check_declared_length(request: Request, n_bytes: int, limit: int) -> None:
+    """Before reading: 413 above `limit`, 422 when Content-Length differs from the `n_bytes` the shape needs."""
+    if n_bytes > limit:
+        raise await _too_large(request, str(n_bytes), limit)
+    declared = _declared_length(request)
+    if declared is not None and declared != n_bytes:
+        await drain(request)
+        raise ApiError(p.ErrorCode.VALIDATION, f"body: Content-Length is {declared} but the shape needs {n_bytes} "
+                                               "bytes")
+
+
 def require_content_type(request: Request, expected: str) -> None:
     """415 unless the body is declared as `expected` (parameters such as charset are fine)."""
     given = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -65,20 +126,27 @@ def require_content_type(request: Request, expected: str) -> None:
                        f"expected a body of Content-Type {expected}, got {given or 'none'}")
 
 
-async def read_message(request: Request, schema: type[p.SchemaT], limit: int = MAX_JSON_BYTES) -> p.SchemaT:
-    """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid."""
+async def read_message(request: Request, schema: type[p.SchemaT], slots: BodySlots,
+                       limit: int = MAX_JSON_BYTES) -> p.SchemaT:
+    """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid,
+    503 when `slots` are all taken."""
     require_content_type(request, "application/json")
-    body = await read_body(request, limit)
-    # Decoding a slice of up to 4096 x 4096 takes a while: keep it off the event loop (health stays quick).
-    return await run_in_threadpool(parse_message, bytes(body), schema)
+    with slots.take():
+        body = await read_body(request, limit)
+        # Decoding a slice of up to 4096 x 4096 takes a while: keep it off the event loop (health stays quick).
+        return await run_in_threadpool(parse_message, bytes(body), schema)
 
 
 def parse_message(body: bytes, schema: type[p.SchemaT]) -> p.SchemaT:
     try:
         data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ApiError(p.ErrorCode.VALIDATION, f"the body is not valid JSON ({error})") from error
+    except RecursionError:
+        raise ApiError(p.ErrorCode.VALIDATION, "the body is not valid JSON: it is nested too deeply") from None
+    except ValueError as error:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
+        raise ApiError(p.ErrorCode.VALIDATION, f"the body is not valid JSON ({error})") from None
     try:
         return schema.from_dict(data)  # type: ignore[attr-defined]
     except p.ProtocolError as error:
         raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error
+    except RecursionError:
+        raise ApiError(p.ErrorCode.VALIDATION, f"{schema.__name__}: a value is nested too deeply") from None

@@ -2,7 +2,9 @@
 
 Handlers raise `ApiError`; `install_error_handlers` turns it, protocol and engine validation errors, FastAPI's own
 HTTP errors (unknown route, wrong method) and unexpected exceptions into that body, so the client can map each one
-to a message a radiologist can act on (client_errors.http_error).
+to a message a radiologist can act on (client_errors.http_error). Messages are cut to MAX_MESSAGE_CHARS, whatever
+client input they quote. Each failure is logged once, on one line, without the query string: a client that leaves
+mid-request at INFO, an unexpected exception at ERROR with its traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from SlicerMiniGPTPancreas import protocol as p
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE_CHARS = 1000
 
 
 class ApiError(Exception):
@@ -37,8 +42,15 @@ def busy(message: str, retry_after_s: int) -> ApiError:
     return ApiError(p.ErrorCode.BUSY, message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready; there is no one to answer."""
+
+
 def error_reply(error: ApiError) -> JSONResponse:
-    body = p.ErrorResponse(error.code, error.message).to_dict()
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    body = p.ErrorResponse(error.code, message).to_dict()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -63,11 +75,34 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_reply(_from_http_exception(request, error))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_reply(ApiError(p.ErrorCode.INTERNAL, f"internal error ({type(error).__name__}); the server "
-                                                          "log has the details"))
+    app.add_middleware(LastResort)
+
+
+class LastResort:
+    """Outermost handler (inside Starlette's own): a client gone is one INFO line, any other exception one ERROR
+    entry with its traceback and a 500 with the error body. (An `exception_handler(Exception)` would be logged
+    twice: Starlette re-raises after calling it, and uvicorn logs it again.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        what = f"{scope.get('method')} {scope.get('path')}"
+        try:
+            await self.app(scope, receive, send)
+        except (ClientDisconnect, ClientGone):
+            log.info("the client closed the connection during %s; nothing was answered", what)
+        except Exception as error:  # noqa: BLE001 - the last resort: a server fault, answered and logged once
+            log.exception("unexpected error in %s", what)
+            reply = error_reply(ApiError(p.ErrorCode.INTERNAL, f"internal error ({type(error).__name__}); the "
+                                                               "server log has the details"))
+            try:
+                await reply(scope, receive, send)
+            except Exception:  # noqa: BLE001 - the answer had already started, or the client is gone
+                pass
 
 
 def _from_http_exception(request: Request, error: StarletteHTTPException) -> ApiError:

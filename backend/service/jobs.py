@@ -2,7 +2,8 @@
 
 The engine worker advances a job with `run_next_batch`; HTTP handlers read `status()` and call `cancel()` from other
 threads, so the job's state is guarded by a lock. Cancelling takes effect at once: the job reads "cancelled", and
-the answers of a batch still on the GPU are dropped. Finished jobs are kept for a while for late status calls.
+the answers of a batch still on the GPU are dropped. Finished jobs are kept for a while for late status calls; they
+keep their answers but let go of the volume, so finished sweeps never hold voxels.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class SweepJob:
     def __init__(self, volume: StoredVolume, slice_indices: range, batch_size: int,
                  run_batch: Callable[[Any, list], list]) -> None:
         self.job_id = secrets.token_urlsafe(12)
-        self.volume = volume  # held here, so evicting it from the store does not break this job
+        self.volume_id = volume.volume_id
+        self._volume: StoredVolume | None = volume  # held while the job runs: evicting it from the store is fine
         self.slice_indices = slice_indices
         self.batch_size = batch_size
         self._run_batch = run_batch
@@ -46,7 +48,7 @@ class SweepJob:
 
     def status(self) -> p.SweepJobStatus:
         with self._lock:
-            return p.SweepJobStatus(self.job_id, self.volume.volume_id, self._state, len(self._results),
+            return p.SweepJobStatus(self.job_id, self.volume_id, self._state, len(self._results),
                                     len(self.slice_indices), tuple(self._results), self._message)
 
     def cancel(self, message: str | None = None) -> None:
@@ -69,9 +71,10 @@ class SweepJob:
             self._state = "running"
             start = len(self._results)
             indices = self.slice_indices[start:start + self.batch_size]
+            slices = [self._volume.array[s] for s in indices]
         started = time.monotonic()
         try:
-            results = self._run_batch(engine, [self.volume.array[s] for s in indices])
+            results = self._run_batch(engine, slices)
         except ValueError as error:  # EngineError: bad input, e.g. a prompt the engine refuses
             self.fail(f"the engine refused slices {indices[0]}-{indices[-1]}: {error}")
             return False
@@ -97,6 +100,7 @@ class SweepJob:
         self._state = state
         self._message = message
         self.finished_at = time.monotonic()
+        self._volume = None
 
 
 class JobStore:
@@ -119,7 +123,7 @@ class JobStore:
             job = self._jobs.get(job_id)
         if job is None:
             raise ApiError(p.ErrorCode.NOT_FOUND,
-                           f"no sweep job '{job_id}' on this server: it never existed, finished more than "
+                           f"no sweep job {p.excerpt(job_id)} on this server: it never existed, finished more than "
                            f"{self.ttl_s:g} s ago, or the server restarted")
         return job
 

@@ -20,6 +20,7 @@ from SlicerMiniGPTPancreas import protocol as p
 from .errors import ApiError
 
 DETECTION_TAG = "[refer]"
+MIN_TEMPERATURE = 0.01
 
 
 def check_greedy(options: p.AnswerOptions, what: str) -> None:
@@ -28,6 +29,15 @@ def check_greedy(options: p.AnswerOptions, what: str) -> None:
         raise ApiError(p.ErrorCode.VALIDATION,
                        f"{what} are answered greedily, as upstream evaluates them; send options.temperature 0 "
                        f"(got {options.temperature:g}). Chat can sample.")
+
+
+def check_temperature(options: p.AnswerOptions) -> None:
+    """Sampling divides the logits by the temperature: below MIN_TEMPERATURE they overflow and sampling fails on
+    NaN. Such a temperature means "almost greedy": say to send 0."""
+    if 0 < options.temperature < MIN_TEMPERATURE:
+        raise ApiError(p.ErrorCode.VALIDATION,
+                       f"AnswerOptions.temperature: {options.temperature:g} is too small to sample with; send 0 "
+                       f"for greedy answers or at least {MIN_TEMPERATURE:g}")
 
 
 def check_prompt(prompt: str) -> None:

@@ -4,21 +4,25 @@ they never call the model themselves."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from SlicerMiniGPTPancreas import protocol as p
 
 from .answers import chat_response, query_response
-from .bodies import MAX_SMALL_JSON_BYTES, read_body, read_message, require_content_type
-from .errors import ApiError, busy
+from .bodies import MAX_SMALL_JSON_BYTES, check_declared_length, read_exactly, read_message, require_content_type
+from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
-from .options import check_greedy, check_prompt
+from .options import check_greedy, check_prompt, check_temperature
 from .security import check_client_version, require_token
 from .state import Service
+
+log = logging.getLogger(__name__)
 
 _JSON = {"application/json": {}}
 _OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -28,7 +32,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                                 (413, "body too large"), (422, "invalid request"), (503, "busy or loading"))}
 
 health_router = APIRouter(dependencies=[Depends(require_token)])
-api_router = APIRouter(dependencies=[Depends(check_client_version), Depends(require_token)], responses=_ERRORS)
+# The token first: a client without it learns nothing else (not even whether its version would fit).
+api_router = APIRouter(dependencies=[Depends(require_token), Depends(check_client_version)], responses=_ERRORS)
 
 
 def _service(request: Request) -> Service:
@@ -65,11 +70,12 @@ def info(request: Request) -> JSONResponse:
                                                 "description": "SliceQueryRequest (protocol_schemas.py)"}})
 async def query(request: Request) -> JSONResponse:
     service = _service(request)
-    message = await read_message(request, p.SliceQueryRequest)
+    service.worker.check_room()  # a full queue is refused before the body is read
+    message = await read_message(request, p.SliceQueryRequest, service.bodies)
     check_greedy(message.options, "slice queries")
     future = service.worker.submit(
         lambda engine: service.variants.run(engine, [message.slice_hu], message.prompt, message.options)[0])
-    timed = await _wait(service, future)
+    timed = await _wait(service, request, future)
     return _reply(query_response(timed.value, service.worker.engine.model_id, slice_index=message.slice_index,
                                  queue_ms=timed.queue_ms))
 
@@ -79,9 +85,11 @@ async def query(request: Request) -> JSONResponse:
                                                 "description": "ChatRequest (protocol_schemas.py)"}})
 async def chat(request: Request) -> JSONResponse:
     service = _service(request)
-    message = await read_message(request, p.ChatRequest)
+    service.worker.check_room()
+    message = await read_message(request, p.ChatRequest, service.bodies)
+    check_temperature(message.options)
     future = service.worker.submit(lambda engine: service.variants.chat(engine, message))
-    timed = await _wait(service, future)
+    timed = await _wait(service, request, future)
     return _reply(chat_response(timed.value, service.worker.engine.model_id))
 
 
@@ -94,10 +102,13 @@ async def chat(request: Request) -> JSONResponse:
 async def upload_volume(request: Request) -> JSONResponse:
     service = _service(request)
     require_content_type(request, "application/octet-stream")
-    body = await read_body(request, service.limits.max_upload_bytes)
-    array, spacing = p.decode_volume(body, request.query_params)  # ProtocolError -> 422
-    array.flags.writeable = False
-    volume = service.volumes.add(array, spacing)
+    shape, spacing, n_bytes = p.parse_volume_params(request.query_params)  # ProtocolError -> 422
+    await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
+    with service.volumes.reserve(n_bytes):
+        body = await read_exactly(request, n_bytes)
+        array = body.view("<i2").astype(np.int16, copy=False).reshape(shape)
+        array.flags.writeable = False
+        volume = service.volumes.add(array, spacing, reserved=True)
     return _reply(p.VolumeUploadResponse(volume.volume_id, array.shape, spacing), status=201)
 
 
@@ -107,7 +118,7 @@ async def upload_volume(request: Request) -> JSONResponse:
                                                 "description": "SweepJobRequest (protocol_schemas.py)"}})
 async def start_sweep(request: Request) -> JSONResponse:
     service = _service(request)
-    message = await read_message(request, p.SweepJobRequest, MAX_SMALL_JSON_BYTES)
+    message = await read_message(request, p.SweepJobRequest, service.bodies, MAX_SMALL_JSON_BYTES)
     check_greedy(message.options, "sweeps")
     check_prompt(message.prompt)
     volume = service.volumes.get(message.volume_id)
@@ -137,13 +148,29 @@ def cancel_sweep(request: Request, job_id: str) -> JSONResponse:
     return _reply(job.status())
 
 
-async def _wait(service: Service, future: Future) -> Any:
-    """The task's Timed result; 503 when it waited too long (a task that has not started yet is dropped)."""
+async def _wait(service: Service, request: Request, future: Future) -> Any:
+    """The task's Timed result. A task whose client leaves, or that waits longer than the query timeout (503), is
+    dropped if it has not started yet (a running engine call cannot be stopped; its answer is discarded)."""
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_until_disconnected(request))
     try:
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), service.limits.query_timeout_s)
-    except asyncio.TimeoutError:
-        future.cancel()
+        await asyncio.wait((answer, gone), timeout=service.limits.query_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not answer.done():
+        answer.cancel()  # also cancels the task if the engine has not started it
+        if gone.done() and not gone.cancelled():
+            raise ClientGone()
         raise busy(f"no answer within {service.limits.query_timeout_s:g} s: the model is busy with other "
-                   "requests", 30) from None
+                   "requests", 30)
+    try:
+        return answer.result()
     except ValueError as error:  # EngineError: input the engine refuses
         raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: the next message is the close)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -8,6 +8,7 @@ from typing import Any
 
 from SlicerMiniGPTPancreas import protocol as p
 
+from .bodies import BodySlots
 from .errors import ApiError
 from .jobs import JobStore
 from .options import EngineVariants
@@ -22,6 +23,7 @@ class ServiceLimits:
 
     max_queue: int = 8  # slice queries and chat turns waiting for the model
     max_sweeps: int = 4  # sweep jobs running or waiting
+    max_bodies: int = 4  # JSON bodies read or parsed at once (each up to bodies.MAX_JSON_BYTES)
     query_timeout_s: float = 600.0  # a query waiting longer for its answer gets 503
     max_upload_bytes: int = p.MAX_VOLUME_BYTES  # one volume upload
     volume_memory_bytes: int = 2 * p.MAX_VOLUME_BYTES  # all uploaded volumes together (least recently used go)
@@ -29,7 +31,7 @@ class ServiceLimits:
     job_ttl_s: float = 3600.0  # a finished sweep's answers stay readable this long
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_sweeps", "max_upload_bytes", "volume_memory_bytes"):
+        for name in ("max_queue", "max_sweeps", "max_bodies", "max_upload_bytes", "volume_memory_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ServiceLimits.{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         for name in ("query_timeout_s", "volume_ttl_s", "job_ttl_s"):
@@ -55,10 +57,17 @@ class Service:
     server_version: str = field(default_factory=server_version)
     volumes: VolumeStore = field(init=False)
     jobs: JobStore = field(init=False)
+    bodies: BodySlots = field(init=False)
 
     def __post_init__(self) -> None:
         self.volumes = VolumeStore(self.limits.volume_memory_bytes, self.limits.volume_ttl_s)
         self.jobs = JobStore(self.limits.job_ttl_s)
+        self.bodies = BodySlots(self.limits.max_bodies)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Take no more work, cancel every sweep, and answer what still waits within `grace_s` (server.py)."""
+        self.worker.begin_shutdown(grace_s)
+        self.jobs.cancel_all("the server shut down")
 
     def ready_engine(self) -> Any:
         """The loaded engine, for its description; 503 while loading, 500 when loading failed."""

@@ -1,7 +1,11 @@
 """Uploaded volumes, kept in memory for sweeps: a byte cap (least recently used go first) and an idle expiry.
 
 A volume is a read-only model-view array [S, R, C] int16 with its (col, row, slice) spacing. A sweep holds its own
-reference, so evicting a volume never breaks a running sweep; it only stops new sweeps from naming it.
+reference while it runs, so evicting a volume never breaks a running sweep; it only stops new sweeps from naming it.
+
+An upload reserves its bytes (`reserve`) before its body is read, so stored volumes and uploads in progress
+together never exceed the capacity: older volumes make room first, and when uploads in progress alone fill it,
+the next one is answered 503.
 """
 
 from __future__ import annotations
@@ -10,14 +14,15 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from SlicerMiniGPTPancreas import protocol as p
 
-from .errors import ApiError
+from .errors import ApiError, busy
 
 
 @dataclass(frozen=True)
@@ -39,20 +44,35 @@ class VolumeStore:
         self.ttl_s = ttl_s
         self._clock = clock
         self._volumes: OrderedDict[str, tuple[StoredVolume, float]] = OrderedDict()  # least recently used first
+        self._reserved = 0  # bytes of uploads in progress
         self._lock = threading.Lock()
 
-    def add(self, array: np.ndarray, spacing_mm: tuple[float, ...]) -> StoredVolume:
-        """Keep `array`, evicting expired and then least recently used volumes to make room."""
-        if array.nbytes > self.capacity_bytes:
-            raise ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
-                           f"the volume has {array.nbytes} bytes but this server keeps at most {self.capacity_bytes} "
-                           "bytes of volumes; send a slice range (crop the volume) or restart the server with a "
-                           "larger --volume-memory")
+    @contextmanager
+    def reserve(self, n_bytes: int) -> Iterator[None]:
+        """Room for an upload of `n_bytes` while it is read and stored: 413 above the capacity, 503 while other
+        uploads in progress hold the room it needs. `add` the volume inside the block."""
+        self._check_fits(n_bytes)
+        with self._lock:
+            self._expire()
+            self._make_room(n_bytes)
+            if self._used() + self._reserved + n_bytes > self.capacity_bytes:
+                raise busy(f"other uploads in progress fill this server's {self.capacity_bytes} bytes of volume "
+                           "memory; try again when they are done", 5)
+            self._reserved += n_bytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= n_bytes
+
+    def add(self, array: np.ndarray, spacing_mm: tuple[float, ...], *, reserved: bool = False) -> StoredVolume:
+        """Keep `array`, evicting expired and then least recently used volumes to make room (`reserved`: inside
+        the `reserve` block of its upload, whose bytes then count once)."""
+        self._check_fits(array.nbytes)
         volume = StoredVolume(secrets.token_urlsafe(12), array, tuple(spacing_mm))  # 16 URL-safe characters
         with self._lock:
             self._expire()
-            while self._used() + volume.nbytes > self.capacity_bytes:
-                self._volumes.popitem(last=False)
+            self._make_room(0 if reserved else volume.nbytes)
             self._volumes[volume.volume_id] = (volume, self._clock())
         return volume
 
@@ -63,7 +83,7 @@ class VolumeStore:
             entry = self._volumes.get(volume_id)
             if entry is None:
                 raise ApiError(p.ErrorCode.NOT_FOUND,
-                               f"no volume '{volume_id}' on this server: it was never uploaded, expired after "
+                               f"no volume {p.excerpt(volume_id)} on this server: it was never uploaded, expired after "
                                f"{self.ttl_s:g} s unused, made room for newer uploads, or the server restarted")
             self._volumes[volume_id] = (entry[0], self._clock())
             self._volumes.move_to_end(volume_id)
@@ -76,6 +96,18 @@ class VolumeStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._volumes)
+
+    def _check_fits(self, n_bytes: int) -> None:
+        if n_bytes > self.capacity_bytes:
+            raise ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
+                           f"the volume has {n_bytes} bytes but this server keeps at most {self.capacity_bytes} "
+                           "bytes of volumes; send a slice range (crop the volume) or restart the server with a "
+                           "larger --volume-memory")
+
+    def _make_room(self, n_bytes: int) -> None:
+        """Evict least recently used volumes until `n_bytes` more fit beside the stored and reserved ones."""
+        while self._volumes and self._used() + self._reserved + n_bytes > self.capacity_bytes:
+            self._volumes.popitem(last=False)
 
     def _used(self) -> int:
         return sum(volume.nbytes for volume, _ in self._volumes.values())

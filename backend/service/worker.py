@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 SWEEP_BATCHES_GUESS = 10  # a sweep's remaining batches are unknown here; guess for Retry-After
+RECENT_CALLS = 20  # Retry-After is estimated from the median of this many recent engine calls
+STOP_WAIT_S = 2.0  # at exit, how long to wait for an engine call still running (its answer is no longer awaited)
 
 
 class WorkerUnavailableError(RuntimeError):
@@ -84,8 +87,9 @@ class EngineWorker:
         self._tasks: deque[_Task] = deque()
         self._sweeps: deque[BatchJob] = deque()
         self._current: _Task | BatchJob | None = None
-        self._stopping = False
-        self._batch_s = 1.0  # moving average of one engine call, for Retry-After
+        self._stopping = False  # no new work (a shutdown began); what is queued still runs until the deadline
+        self._quit = False  # the thread ends after the engine call in progress
+        self._recent_s: deque[float] = deque(maxlen=RECENT_CALLS)  # durations of engine calls, for Retry-After
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._main, name="minigpt-engine", daemon=True)
 
@@ -108,24 +112,41 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuse new work, fail waiting tasks, cancel sweeps, and wait for the batch in progress to end."""
-        stopping = WorkerUnavailableError("the server is shutting down", None)
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new work and cancel the sweeps at once; queued tasks still run for `grace_s`, then every task
+        still waiting or running is answered "shutting down" (WorkerUnavailableError)."""
         with self._cond:
             self._stopping = True
-            pending, self._tasks = list(self._tasks), deque()
-            jobs, self._sweeps = list(self._sweeps), deque()
-            current = self._current
-            self._cond.notify_all()
-        for task in pending:
-            if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(stopping)
-        for job in jobs + ([current] if current is not None and not isinstance(current, _Task) else []):
+            jobs = list(self._sweeps) + ([self._current] if _is_batch(self._current) else [])
+            self._sweeps = deque()
+        for job in jobs:
             job.cancel("the server shut down")
+        timer = threading.Timer(grace_s, self._fail_waiting)
+        timer.daemon = True
+        timer.start()
+
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """End the thread: what is still waiting is answered "shutting down"; a running engine call gets
+        `timeout_s` to end (the thread is a daemon: the process does not wait for it longer)."""
+        self.begin_shutdown(0.0)
+        self._fail_waiting()
+        with self._cond:
+            self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.warning("the engine thread is still busy after %.0f s; exiting without it", timeout_s)
+                log.warning("an engine call is still running after %.0f s; exiting without waiting for it", timeout_s)
+
+    def _fail_waiting(self) -> None:
+        stopping = WorkerUnavailableError("the server is shutting down", None)
+        with self._cond:
+            self._quit = True
+            pending, self._tasks = list(self._tasks), deque()
+            current = self._current
+            self._cond.notify_all()
+        for task in pending + ([current] if isinstance(current, _Task) else []):
+            if task is current or task.future.set_running_or_notify_cancel():
+                _settle(task.future, exception=stopping)
 
     def submit(self, run: Callable[[Any], Any]) -> Future:
         """Queue `run(engine)`; the future gives a Timed. A future cancelled before it starts is skipped."""
@@ -143,7 +164,9 @@ class EngineWorker:
         """Queue a batch job; it runs a batch at a time until it reports no more work or is finished."""
         with self._cond:
             self._check_available()
-            active = len(self._sweeps) + (self._current is not None and not isinstance(self._current, _Task))
+            # A cancelled sweep stops counting at once, even while its last batch is still on the engine.
+            active = sum(not job.finished for job in self._sweeps)
+            active += _is_batch(self._current) and not self._current.finished
             if active >= self.max_sweeps:
                 raise QueueFullError(f"the limit of {self.max_sweeps} sweep(s) running or waiting is reached; "
                                      "wait for one to finish or cancel one",
@@ -162,17 +185,27 @@ class EngineWorker:
             raise WorkerUnavailableError(f"the model failed to load ({self.load_error}); fix the model files and "
                                          "restart the server", None)
 
-    def _retry_after_s(self, batches_ahead: int) -> int:
-        return max(1, min(300, math.ceil(self._batch_s * batches_ahead)))
+    def check_room(self) -> None:
+        """Raise now what `submit` would: lets a handler refuse a query before it reads the query's body."""
+        with self._cond:
+            self._check_available()
+            if len(self._tasks) >= self.max_queue:
+                raise QueueFullError(f"the limit of {self.max_queue} request(s) waiting for the model is reached",
+                                     self._retry_after_s(len(self._tasks) + 1))
+
+    def _retry_after_s(self, calls_ahead: int) -> int:
+        """Seconds until `calls_ahead` engine calls are done, from the median of recent ones (1 s before any)."""
+        call_s = statistics.median(self._recent_s) if self._recent_s else 1.0
+        return max(1, min(300, math.ceil(call_s * calls_ahead)))
 
     def _main(self) -> None:
         if self._load_engine is not None and not self._load():
             return
         while True:
             with self._cond:
-                while not self._stopping and not self._tasks and not self._sweeps:
+                while not self._quit and not self._tasks and not self._sweeps:
                     self._cond.wait()
-                if self._stopping:
+                if self._quit:
                     return
                 item = self._tasks.popleft() if self._tasks else self._sweeps.popleft()
                 self._current = item
@@ -212,9 +245,9 @@ class EngineWorker:
                 self._call_before_batch()
                 value = item.run(self._engine)
             except BaseException as error:  # noqa: BLE001 - handed to the waiting request
-                item.future.set_exception(error)
+                _settle(item.future, exception=error)
             else:
-                item.future.set_result(Timed(value, (started - item.submitted) * 1000.0))
+                _settle(item.future, result=Timed(value, (started - item.submitted) * 1000.0))
             self._record(time.monotonic() - started)
             return False
         if item.finished:
@@ -230,4 +263,19 @@ class EngineWorker:
             self._before_batch()
 
     def _record(self, seconds: float) -> None:
-        self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
+        self._recent_s.append(seconds)
+
+
+def _is_batch(item: Any) -> bool:
+    return item is not None and not isinstance(item, _Task)
+
+
+def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+    """Complete a task's future, unless a shutdown already answered it while the engine was still running it."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
