@@ -22,12 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "MiniGPTPancreasModule"
 sys.path.insert(0, str(MODULE_DIR))
 
-from MiniGPTPancreasLib import prompts, volume_geometry  # noqa: E402
+from backend import prompts as backend_prompts  # noqa: E402  (the strings only: no torch)
+from MiniGPTPancreasLib import volume_geometry  # noqa: E402
 from SlicerMiniGPTPancreas.geometry import ModelView, mask_box  # noqa: E402
 from SlicerMiniGPTPancreas.phantom import make_phantom  # noqa: E402
 
 WAIT_S = 20.0
-REFER = prompts.PRESETS[0].prompt
+REFER = backend_prompts.refer_eval_instruction(backend_prompts.PANCREAS_PHRASE)
+TUMOUR = backend_prompts.refer_eval_instruction(backend_prompts.TUMOR_PHRASE)
 # A linear transform that keeps the grid axis-aligned: 90 degrees about S (x -> y), then a shift.
 ROTATE_90_AND_SHIFT = np.array([[0.0, -1.0, 0.0, 12.5], [1.0, 0.0, 0.0, -7.0], [0.0, 0.0, 1.0, 30.0], [0, 0, 0, 1]])
 

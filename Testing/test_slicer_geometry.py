@@ -16,6 +16,7 @@ from slicer_fixtures import ROTATE_90_AND_SHIFT, add_ct, expected_view, new_scen
 import vtk  # noqa: E402  (installed with slicer-core)
 from MiniGPTPancreasLib import boxes_to_markups, volume_geometry
 from MiniGPTPancreasLib.boxes_to_markups import PlacedBox, add_box_rois, roi_world_center_and_size
+from MiniGPTPancreasLib.fusion import apply_threshold
 from SlicerMiniGPTPancreas.geometry import GeometryError, ObliqueVolumeError
 from SlicerMiniGPTPancreas.phantom import reorient
 
@@ -136,11 +137,12 @@ def test_rois_sit_where_the_core_geometry_puts_the_boxes(scene, phantom, orienta
     ph = reorient(phantom, orientation)
     node = add_ct(scene, ph, transform)
     boxes = [PlacedBox(12, (10, 20, 30, 35), 0.87), PlacedBox(12, (40.5, 41, 44, 50.25)),
-             PlacedBox(19, (0, 0, 5, 9), 0.5, "tumour")]
+             PlacedBox(13, (0, 0, 5, 9), 0.5, "tumour")]
     run = add_box_rois(scene, volume_geometry.model_view_geometry(node), boxes, label="pancreas",
-                       volume_node=node, add_fused_roi=True)
+                       volume_node=node)
+    run.fused = apply_threshold(scene, run.number, 0.0, "pancreas")
     view = expected_view(ph, transform)
-    assert [roi.GetName() for roi in run.rois] == ["pancreas s12 (0.87)", "pancreas s12", "tumour s19 (0.50)"]
+    assert [roi.GetName() for roi in run.rois] == ["pancreas s12 (0.87)", "pancreas s12", "tumour s13 (0.50)"]
     for roi, box in zip(run.rois, boxes):
         center, size = roi_world_center_and_size(roi)
         want_center, want_size = view.box_to_ras(box.box, box.slice_index)
@@ -152,7 +154,7 @@ def test_rois_sit_where_the_core_geometry_puts_the_boxes(scene, phantom, orienta
     fused_center, fused_size = roi_world_center_and_size(run.fused)
     np.testing.assert_allclose(fused_center, (corners.min(0) + corners.max(0)) / 2, atol=1e-6)
     np.testing.assert_allclose(fused_size, corners.max(0) - corners.min(0), atol=1e-6)
-    assert run.fused.GetName() == "pancreas 3D (slices 12-19, 3 boxes)"
+    assert run.fused.GetName() == "pancreas 3D (slices 12-13, 3 boxes >= 0.00)"
     assert set(sh_children(scene, run.folder_item)) == set(run.rois + [run.fused])
     second = add_box_rois(scene, view, boxes[:1], label="tumour")
     assert second.title == "MiniGPT-Pancreas run 2: tumour" and second.fused is None
@@ -160,7 +162,7 @@ def test_rois_sit_where_the_core_geometry_puts_the_boxes(scene, phantom, orienta
 
 
 def test_without_subject_hierarchy_the_run_title_goes_into_names(scene, phantom, monkeypatch):
-    monkeypatch.setattr(boxes_to_markups, "_subject_hierarchy", lambda scene: None)
+    monkeypatch.setattr(boxes_to_markups, "subject_hierarchy", lambda scene: None)
     run = add_box_rois(scene, expected_view(phantom), [PlacedBox(3, (1, 2, 3, 4), 0.25)], label="liver")
     assert run.folder_item is None
     assert run.rois[0].GetName() == "MiniGPT-Pancreas run 1: liver / liver s3 (0.25)"

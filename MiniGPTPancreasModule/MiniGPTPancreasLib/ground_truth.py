@@ -144,6 +144,39 @@ def write_comparison_table(scene: Any, rows: Sequence[SliceComparison], name: st
     return table_node
 
 
+def write_iou_plot(scene: Any, rows: Sequence[SliceComparison], name: str) -> Any:
+    """A plot chart node 'IoU by slice': IoU (y, 0-1) over model-view slice (x), one point per scored slice.
+
+    Its data lives in a numeric table of its own (the comparison table's slice column also holds "mean").
+    """
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} data")
+    table_node.SetName(f"{name} data")
+    table = table_node.GetTable()
+    for title in ("slice", "IoU"):
+        column = vtk.vtkDoubleArray()
+        column.SetName(title)
+        table.AddColumn(column)
+    for row in rows:
+        if row.iou is not None:
+            _append_row(table, float(row.slice_index), row.iou)
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "IoU")
+    series.SetAndObserveTableNodeID(table_node.GetID())
+    series.SetXColumnName("slice")
+    series.SetYColumnName("IoU")
+    series.SetPlotType(series.PlotTypeScatter)
+    series.SetMarkerStyle(series.MarkerStyleCircle)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    chart.SetName(name)
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle(name)
+    chart.SetXAxisTitle("model-view slice (inferior to superior)")
+    chart.SetYAxisTitle("IoU")
+    chart.SetYAxisRangeAuto(False)
+    chart.SetYAxisRange(0.0, 1.0)
+    chart.SetLegendVisibility(False)
+    return chart
+
+
 def _append_row(table: vtk.vtkTable, *values: Any) -> None:
     row = table.InsertNextBlankRow()
     for column, value in enumerate(values):

@@ -1,13 +1,14 @@
 """MiniGPTPancreasLogic: the module's logic, usable without the GUI (Python console, scripts, tests).
 
 Every operation comes in steps so that a GUI can keep MRML on its main thread and the network off it:
-`prepare_*` reads the volume node (main thread) into a self-contained request, `query_slice` / `run_sweep` talk to
-the server (blocking: any thread), `add_*_boxes` creates the ROI nodes (main thread). `analyze_slice` and
-`sweep_volume` chain the steps synchronously for scripts.
+`prepare_*` reads the volume node (main thread) into a self-contained request, `query_slice` / `run_sweep` /
+`chat` talk to the server (blocking: any thread), `add_*_boxes` creates the nodes of a run (main thread).
+`analyze_slice` and `sweep_volume` chain the steps synchronously for scripts.
 
     logic = MiniGPTPancreasLogic()
     logic.set_server("http://127.0.0.1:8765", token=None)
-    response = logic.analyze_slice(ct_node, 42, PRESETS[0].prompt)     # boxes become ROIs in ct_node's scene
+    info = logic.connect()                                          # the model and the questions it offers
+    response = logic.analyze_slice(ct_node, 42, logic.presets[0].prompt)   # boxes become ROIs in ct_node's scene
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError
 from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView
 
-from .boxes_to_markups import PlacedBox, RoiRun, add_box_rois
-from .ground_truth import SliceComparison, compare_boxes, mean_iou, truth_boxes, truth_mask, write_comparison_table
-from .prompts import box_label_for_prompt
+from .boxes_to_markups import (GREEN, PlacedBox, RoiRun, add_box_rois, module_node, move_under,
+                               subject_hierarchy)
+from .chat import ChatSession
+from .fusion import apply_threshold
+from .ground_truth import (SliceComparison, compare_boxes, mean_iou, truth_boxes, truth_mask, write_comparison_table,
+                           write_iou_plot)
+from .local_server import LocalServer
+from .prompts import PromptPreset, box_label_for_prompt, presets_from_info
+from .results import provenance, write_results_table
 from .volume_geometry import model_view, model_view_geometry, to_int16_hu, volume_array_and_matrix
 
-MODULE_NAME = "MiniGPTPancreas"
 DEFAULT_POLL_INTERVAL_S = 0.5
 
 
@@ -76,6 +82,8 @@ class Comparison:
     rows: list[SliceComparison]
     mean_iou: float | None
     table_node: Any
+    plot_chart_node: Any = None
+    truth_run: RoiRun | None = None  # the truth boxes, drawn in green
 
 
 def predictions_of(responses: Mapping[int, p.QueryResponse]) -> dict[int, list[Box]]:
@@ -83,7 +91,7 @@ def predictions_of(responses: Mapping[int, p.QueryResponse]) -> dict[int, list[B
     return {s: [box.box for box in response.boxes] for s, response in responses.items()}
 
 
-def placed_boxes(responses: Mapping[int, p.QueryResponse]) -> list[PlacedBox]:
+def placed_boxes(responses: Mapping[int, Any]) -> list[PlacedBox]:
     return [PlacedBox(s, box.box, box.confidence, box.label)
             for s, response in sorted(responses.items()) for box in response.boxes]
 
@@ -97,22 +105,52 @@ class MiniGPTPancreasLogic:
         self.poll_interval_s = poll_interval_s
         self._sleep = sleep
         self._uploads: dict[tuple, str] = {}  # SweepRequest.upload_key -> the server's volume id
+        self.info: p.ModelInfo | None = None  # what the server said on connect()
+        self.local_server = LocalServer()
+        self.chat_session = ChatSession()
 
     @property
     def client(self) -> MiniGPTPancreasClient:
         return self._client
+
+    @property
+    def presets(self) -> tuple[PromptPreset, ...]:
+        """The questions the connected server offers (none before connect())."""
+        return presets_from_info(self.info) if self.info is not None else ()
 
     def set_server(self, base_url: str, token: str | None = None, **client_options: Any) -> None:
         """Use the server at `base_url` (ConnectionSettingsError for a bad address or token)."""
         new_client = MiniGPTPancreasClient(base_url, token=token, **client_options)
         if new_client.base_url != self._client.base_url:
             self._uploads.clear()  # volume ids belong to the server that issued them
+            self.info = None
         self._client.close()
         self._client = new_client
 
     def check_server(self) -> p.Health:
         """The server's health after the API version check ("Test connection"); raises ClientError."""
         return self._client.check_connection()
+
+    def connect(self) -> p.ModelInfo:
+        """Check the server, then read /api/v1/info: the model id, whether it is synthetic, its example prompts."""
+        self.check_server()
+        self.info = self._client.info()
+        return self.info
+
+    # --- the local server -----------------------------------------------------------------------------------
+
+    def start_local_server(self, timeout_s: float | None = None,
+                           should_cancel: Callable[[], bool] = lambda: False) -> tuple[str, p.ModelInfo]:
+        """Any thread: reuse the server answering at the URL or start `local_server`, wait until it is ready,
+        connect. Returns (REUSED or STARTED, the server's info)."""
+        state = self.local_server.start(self._client)
+        options = {} if timeout_s is None else {"timeout_s": timeout_s}
+        self.local_server.wait_ready(self._client, should_cancel=should_cancel, **options)
+        return state, self.connect()
+
+    def stop_local_server(self) -> int | None:
+        """Stop the server this logic started (a reused one is left running); its exit code or None."""
+        return self.local_server.stop()
 
     # --- one slice --------------------------------------------------------------------------------------------
 
@@ -131,9 +169,14 @@ class MiniGPTPancreasLogic:
 
     def add_slice_boxes(self, request: SliceRequest, response: p.QueryResponse, prompt: str, scene: Any,
                         volume_node: Any = None) -> RoiRun:
-        """Main thread: one ROI per box of the answer, under a new run folder."""
-        return add_box_rois(scene, request.geometry, placed_boxes({request.slice_index: response}),
-                            label=box_label_for_prompt(prompt), volume_node=volume_node)
+        """Main thread: one ROI per box of the answer and a results table, under a new run folder."""
+        extra = {}
+        if response.yes is not None:
+            extra["yes"] = "yes" if response.yes else "no"
+        if response.yes_probability is not None:
+            extra["yesProbability"] = f"{response.yes_probability:.4f}"
+        return self._record_run(request.geometry, {request.slice_index: response}, prompt, response.model_id, scene,
+                                volume_node, extra)
 
     def analyze_slice(self, volume_node: Any, model_view_slice: int, prompt: str, scene: Any = None) -> p.QueryResponse:
         """Ask about one model-view slice and draw the boxes as ROIs in `scene` (default: the volume's scene)."""
@@ -141,6 +184,23 @@ class MiniGPTPancreasLogic:
         response = self.query_slice(request, prompt)
         self.add_slice_boxes(request, response, prompt, scene or volume_node.GetScene(), volume_node)
         return response
+
+    # --- chat about one slice ------------------------------------------------------------------------------------
+
+    def chat(self, request: SliceRequest, sent: tuple[p.ChatMessage, ...]) -> p.ChatResponse:
+        """Any thread: send the conversation `sent` (ChatSession.ask) about the slice; the reply may hold boxes."""
+        return self._client.chat(sent, request.slice_hu, request.pixel_spacing_mm)
+
+    def add_chat_boxes(self, request: SliceRequest, sent: tuple[p.ChatMessage, ...], reply: p.ChatResponse,
+                       scene: Any, volume_node: Any = None) -> RoiRun | None:
+        """Main thread: keep the turn in the session and draw the reply's boxes like any answer's (None: no boxes)."""
+        self.chat_session.record(sent, reply.answer)
+        if not reply.boxes:
+            return None
+        answer = p.QueryResponse(reply.answer, "boxes", reply.model_id, boxes=reply.boxes,
+                                 slice_index=request.slice_index)
+        return self._record_run(request.geometry, {request.slice_index: answer}, sent[-1].text, reply.model_id,
+                                scene, volume_node)
 
     # --- a range of slices ---------------------------------------------------------------------------------------
 
@@ -184,18 +244,27 @@ class MiniGPTPancreasLogic:
         return SweepOutcome(status.state, status.done, status.total, responses, status.message)
 
     def add_sweep_boxes(self, request: SweepRequest, outcome: SweepOutcome, prompt: str, scene: Any,
-                        volume_node: Any = None) -> RoiRun:
-        """Main thread: one ROI per box of every answered slice plus the fused 3D ROI, under a new run folder."""
-        return add_box_rois(scene, request.geometry, placed_boxes(outcome.responses),
-                            label=box_label_for_prompt(prompt), volume_node=volume_node, add_fused_roi=True)
+                        volume_node: Any = None, threshold: float = 0.0) -> RoiRun:
+        """Main thread: one ROI per box of every answered slice, the results table and the fused 3D ROI (around
+        the largest run of consecutive slices with a box at or above `threshold`), under a new run folder."""
+        model_ids = {response.model_id for response in outcome.responses.values()}
+        run = self._record_run(request.geometry, outcome.responses, prompt, ", ".join(sorted(model_ids)), scene,
+                               volume_node)
+        run.fused = self.set_threshold(scene, run, threshold)
+        return run
+
+    def set_threshold(self, scene: Any, run: RoiRun, threshold: float) -> Any:
+        """Hide the run's boxes below `threshold` (not deleted) and refit its fused ROI; the fused ROI or None."""
+        return apply_threshold(scene, run.number, threshold, run.title.split(": ", 1)[-1])
 
     def sweep_volume(self, volume_node: Any, prompt: str, slice_range: tuple[int, int] | None = None,
                      progress_callback: Callable[[int, int], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None, scene: Any = None) -> SweepOutcome:
+                     should_cancel: Callable[[], bool] | None = None, scene: Any = None,
+                     threshold: float = 0.0) -> SweepOutcome:
         """Ask `prompt` on model-view slices first..last and draw every box (and the fused ROI) in `scene`."""
         request = self.prepare_sweep(volume_node, slice_range)
         outcome = self.run_sweep(request, prompt, progress_callback, should_cancel)
-        self.add_sweep_boxes(request, outcome, prompt, scene or volume_node.GetScene(), volume_node)
+        self.add_sweep_boxes(request, outcome, prompt, scene or volume_node.GetScene(), volume_node, threshold)
         return outcome
 
     # --- ground truth ---------------------------------------------------------------------------------------------
@@ -204,26 +273,39 @@ class MiniGPTPancreasLogic:
                                   *, label_values: Sequence[int] | None = None,
                                   segment_ids: Sequence[str] | None = None, table_name: str | None = None,
                                   scene: Any = None) -> Comparison:
-        """IoU per predicted slice against the truth's boxes, written to a new table node (main thread)."""
+        """IoU per predicted slice against the truth's boxes: a table node, an IoU-by-slice plot chart node and
+        the truth boxes of those slices as green ROIs (main thread)."""
+        scene = scene or volume_node.GetScene()
         mask = truth_mask(truth_node, volume_node, label_values=label_values, segment_ids=segment_ids)
         _, matrix = volume_array_and_matrix(volume_node)
-        rows = compare_boxes(predictions, truth_boxes(mask, matrix))
+        truths = truth_boxes(mask, matrix)
+        rows = compare_boxes(predictions, truths)
         name = table_name or f"MiniGPT-Pancreas IoU vs {truth_node.GetName()}"
-        table = write_comparison_table(scene or volume_node.GetScene(), rows, name)
-        return Comparison(rows, mean_iou(rows), table)
+        table = write_comparison_table(scene, rows, name)
+        chart = write_iou_plot(scene, rows, f"{name}: IoU by slice")
+        shown = {row.slice_index: row.truth for row in rows if row.truth is not None}
+        truth_run = add_box_rois(scene, model_view_geometry(volume_node),
+                                 [PlacedBox(s, box) for s, box in sorted(shown.items())],
+                                 label=f"ground truth ({truth_node.GetName()})", volume_node=volume_node, color=GREEN)
+        return Comparison(rows, mean_iou(rows), table, chart, truth_run)
 
     # --- parameter node -----------------------------------------------------------------------------------------
 
     @staticmethod
     def parameter_node(scene: Any) -> Any:
         """The module's vtkMRMLScriptedModuleNode in `scene` (created when missing), found as Slicer's logic does."""
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
-            node = scene.GetNthNodeByClass(index, "vtkMRMLScriptedModuleNode")
-            if node.GetAttribute("ModuleName") == MODULE_NAME:
-                return node
-        node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", MODULE_NAME)
-        node.SetAttribute("ModuleName", MODULE_NAME)
-        return node
+        return module_node(scene)
+
+    def _record_run(self, geometry: ModelView, responses: Mapping[int, p.QueryResponse], prompt: str, model_id: str,
+                    scene: Any, volume_node: Any, extra: Mapping[str, str] | None = None) -> RoiRun:
+        attributes = {**provenance(prompt, model_id, self._client.base_url), **(extra or {})}
+        run = add_box_rois(scene, geometry, placed_boxes(responses), label=box_label_for_prompt(prompt),
+                           volume_node=volume_node, provenance=attributes)
+        table = write_results_table(scene, geometry, run.number, run.title, responses, attributes)
+        sh_node = subject_hierarchy(scene)
+        if sh_node is not None and run.folder_item:
+            move_under(sh_node, table, run.folder_item)
+        return run
 
     def _upload(self, request: SweepRequest) -> str:
         volume_id = self._uploads.get(request.upload_key)

@@ -1,7 +1,5 @@
-"""The questions the module offers, as upstream MiniGPT-Pancreas was trained and evaluated to answer them.
-
-The strings are copies of backend/prompts.py (docs/upstream.md 4.6 and 6.3): the Slicer module must not import the
-backend (torch). Testing/test_slicer_module.py checks that the copies still equal the backend's.
+"""The questions the module offers come from the server (`/api/v1/info`, `example_prompts`): the model that
+answers decides what it can be asked. Here: titles for the menu and names for the boxes, read from the prompt text.
 """
 
 from __future__ import annotations
@@ -9,36 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# backend.prompts.refer_eval_instruction(phrase) == REFER_EVAL_TEMPLATE.format(phrase)
-REFER_EVAL_TEMPLATE = "[refer] give me the location of the {}"
-# backend.prompts.TC_EVAL_PROMPT: the fixed tumour-classification question of upstream's evaluation
-TC_EVAL_PROMPT = (
-    "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
-)
-PANCREAS_PHRASE = "pancreas"
-TUMOR_PHRASE = "pancreatic tumor"
-
-
-@dataclass(frozen=True)
-class PromptPreset:
-    """One entry of the question menu: the title shown, the exact prompt sent, the name given to its boxes."""
-
-    key: str
-    title: str
-    prompt: str
-    box_label: str  # ROI names read "<box_label> s<slice> (<confidence>)"
-
-
-PRESETS: tuple[PromptPreset, ...] = (
-    PromptPreset("pancreas", "Pancreas: where is it? (box)", REFER_EVAL_TEMPLATE.format(PANCREAS_PHRASE), "pancreas"),
-    PromptPreset("tumour_yes_no", "Pancreatic tumour: is there one? (yes/no)", TC_EVAL_PROMPT, "tumour"),
-    PromptPreset("tumour", "Pancreatic tumour: where is it? (box)", REFER_EVAL_TEMPLATE.format(TUMOR_PHRASE), "tumour"),
-    PromptPreset("liver", "Liver: where is it? (box; multi-organ model)", REFER_EVAL_TEMPLATE.format("liver"), "liver"),
-    PromptPreset("kidney", "Kidney: where is it? (box; multi-organ model)", REFER_EVAL_TEMPLATE.format("kidney"),
-                 "kidney"),
-    PromptPreset("spleen", "Spleen: where is it? (box; multi-organ model)", REFER_EVAL_TEMPLATE.format("spleen"),
-                 "spleen"),
-)
+from SlicerMiniGPTPancreas import protocol as p
 
 # "[refer] give me the location of the X", "[refer] where is the X ?", "[refer] X", ... -> X
 _REFER_PHRASE = re.compile(
@@ -46,13 +15,41 @@ _REFER_PHRASE = re.compile(
     r"could you tell me the location for the|where can i locate the|where is the)?\s*(?P<phrase>.*?)\s*\??\s*$",
     re.IGNORECASE,
 )
+# "[vqa] Based on the image, respond to this question with a short answer: does ... ?" -> "does ... ?"
+_VQA_QUESTION = re.compile(r"^\s*\[vqa\]\s*(?:.*:\s*)?(?P<question>[^:]+?)\s*$", re.IGNORECASE)
+_YES_NO_START = ("is ", "are ", "does ", "do ", "can ", "has ", "have ")
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """One entry of the question menu: the title shown, the exact prompt sent, the name given to its boxes."""
+
+    title: str
+    prompt: str
+    box_label: str  # ROI names read "<box_label> s<slice> (<confidence>)"
+
+
+def presets_from_info(info: p.ModelInfo) -> tuple[PromptPreset, ...]:
+    """The server's example prompts as menu entries, in the server's order."""
+    return tuple(PromptPreset(preset_title(prompt), prompt, box_label_for_prompt(prompt))
+                 for prompt in info.example_prompts)
+
+
+def preset_title(prompt: str) -> str:
+    """'Pancreas: where is it? (box)', 'Does the pancreas contain a tumor? (yes/no)', else the prompt itself."""
+    refer = _REFER_PHRASE.match(prompt)
+    if refer and refer.group("phrase"):
+        return f"{refer.group('phrase')[:1].upper()}{refer.group('phrase')[1:]}: where is it? (box)"
+    vqa = _VQA_QUESTION.match(prompt)
+    if vqa:
+        question = vqa.group("question")
+        kind = " (yes/no)" if question.lower().startswith(_YES_NO_START) else ""
+        return f"{question[:1].upper()}{question[1:]}{kind}"
+    return prompt
 
 
 def box_label_for_prompt(prompt: str) -> str:
-    """The name for boxes answering `prompt`: a preset's label, the phrase of a "[refer]" prompt, else "box"."""
-    for preset in PRESETS:
-        if prompt.strip() == preset.prompt:
-            return preset.box_label
+    """The name for boxes answering `prompt`: the phrase of a "[refer]" prompt, else "box"."""
     match = _REFER_PHRASE.match(prompt)
     phrase = match.group("phrase").strip() if match else ""
     return phrase[:40] if phrase else "box"

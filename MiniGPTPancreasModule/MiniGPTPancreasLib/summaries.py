@@ -15,6 +15,13 @@ def describe_health(health: p.Health, base_url: str) -> str:
     return f"Connected to {base_url}: model {health.model_id} on {health.device} (API {health.api_version}){busy}."
 
 
+def describe_info(info: p.ModelInfo, base_url: str) -> str:
+    """Which model answers, where, and whether it is the synthetic demo model."""
+    synthetic = " (a demonstration model trained on synthetic CT only: not for patients)" if info.synthetic else ""
+    return (f"Model {info.model_id}{synthetic} on {info.device} at {base_url}; {len(info.example_prompts)} "
+            f"suggested questions; uploads up to {info.max_upload_bytes / 2**20:.0f} MiB.")
+
+
 def describe_response(response: p.QueryResponse, slice_index: int) -> str:
     """What the model said about one slice: the yes/no with P(yes), the boxes found, or why nothing was read."""
     where = f"on slice {slice_index}"

@@ -116,6 +116,28 @@ def current_model_slice(volume_node: Any, slice_node: Any) -> int:
     return model_slice_at_ras(model_view_geometry(volume_node), slice_to_ras[:3, 3])
 
 
+def slice_center_ras(view: ModelView, s: int) -> np.ndarray:
+    """World RAS [3] of the centre of model-view slice s (where a view jumps to show that slice)."""
+    rows, cols = view.shape[1:]
+    return (view.model_to_ras_matrix @ np.array([(cols - 1) / 2.0, (rows - 1) / 2.0, float(s), 1.0]))[:3]
+
+
+def slicer_slice_label(view: ModelView, s: int) -> str:
+    """Model-view slice s as Slicer shows it: the voxel K index (Data Probe) and the axial offset S in mm (the
+    slice view's slider), e.g. 'K 57, S -12.5 mm'."""
+    k = int(view.model_to_ijk(0, 0, int(s))[2])
+    return f"K {k}, S {slice_center_ras(view, s)[2]:.1f} mm"
+
+
+def first_ct_volume(scene: Any) -> Any:
+    """The first scalar volume that is not a label map (None when there is none): the module's default input."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
 def to_int16_hu(array: np.ndarray) -> np.ndarray:
     """A C-contiguous int16 copy of HU values (floats rounded; values beyond int16 clipped), as the protocol sends."""
     if array.dtype == np.int16:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PROGRESS, FINISHED, FAILED = "progress", "finished", "failed"
+# The Widget's timer period while a task runs: an answer waits at most this long to be shown, well under the
+# 50 ms a query may cost over the server's own time.
+DRAIN_INTERVAL_MS = 20
 
 TaskFunction = Callable[[Callable[[Any], None], Callable[[], bool]], Any]
 
@@ -81,3 +84,57 @@ class BackgroundTask:
 
     def _report(self, payload: Any) -> None:
         self._events.put(TaskEvent(PROGRESS, payload))
+
+
+class TaskRunner:
+    """The Widget's one running task: `start` it, `poll()` it from a timer, `cancel()` it.
+
+    Cancelling a task started with `drop_when_cancelled` (a single question) frees the runner at once: the thread
+    finishes its network call in the background and its late answer is dropped, never handed to `on_finished`.
+    Other tasks (a sweep) are asked to stop and still end through `on_finished` with what they have.
+    """
+
+    def __init__(self) -> None:
+        self._task: BackgroundTask | None = None
+        self._on_finished: Callable[[Any], None] = lambda result: None
+        self._on_progress: Callable[[Any], None] = lambda payload: None
+        self._drop_when_cancelled = False
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def start(self, function: TaskFunction, on_finished: Callable[[Any], None],
+              on_progress: Callable[[Any], None] | None = None, *,
+              drop_when_cancelled: bool = False) -> BackgroundTask:
+        if self._task is not None:
+            raise RuntimeError("A MiniGPT-Pancreas task is already running; wait for it or cancel it.")
+        self._task, self._on_finished = BackgroundTask(function), on_finished
+        self._on_progress = on_progress or (lambda payload: None)
+        self._drop_when_cancelled = drop_when_cancelled
+        self._task.start()
+        return self._task
+
+    def cancel(self) -> bool:
+        """Ask the task to stop; True when the runner is free at once (the task's result will be dropped)."""
+        if self._task is None:
+            return True
+        self._task.cancel()
+        if self._drop_when_cancelled:
+            self._task = None
+        return self._task is None
+
+    def poll(self) -> None:
+        """Hand the task's events to the callbacks on this (GUI) thread; re-raise the task's exception."""
+        task = self._task
+        if task is None:
+            return
+        for event in task.drain():
+            if event.kind == PROGRESS:
+                self._on_progress(event.payload)
+                continue
+            self._task = None
+            if event.kind == FAILED:
+                raise event.payload
+            self._on_finished(event.payload)
+            return
