@@ -5,14 +5,18 @@
 * Box confidence: the geometric mean of the model's probabilities of the generated tokens that spell the box
   ("{<12><34><56><78>}"), i.e. exp(mean log-probability). A token is the box's when its characters overlap the
   box's characters in the decoded answer.
-* Yes/no probability: P(yes) / (P(yes) + P(no)) from the first answer token's logits, over the first token ids of
-  "yes" and "no" as the tokenizer encodes an answer (the ids a trained model emits right after "[/INST]").
+* Yes/no probability: P(yes) / (P(yes) + P(no)) from the first answer token's logits, each word's probability
+  summed over its single-token spellings ("yes", "Yes", "YES", with and without the leading-space piece "▁";
+  the same for "no"). A tokenizer that spells a word only in several pieces (the bundled demo model's, where
+  "no" is "▁" "n" "o") gets a logged warning: its first pieces are compared instead, which is approximate,
+  because a bare "▁" also starts other answers.
 * `BoxGrammarConstraint`: a logits processor that lets the model write only " {<x1><y1><x2><y2>}" (values
   0..100, x1 <= x2, y1 <= y2) and then EOS, for detection prompts whose answer grammar is known in advance.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ import torch
 
 from SlicerMiniGPTPancreas import grammar
 
+_LOG = logging.getLogger(__name__)
 _YES_NO_WORDING = re.compile(r"\byes\s*(?:or|/)\s*no\b", re.IGNORECASE)
 # A yes/no question starts with an auxiliary verb ("is there ...", "does the pancreas ...").
 _AUXILIARY_START = re.compile(r"^(?:is|are|does|do|did|can|could|has|have|was|were|will|would|should)\b",
@@ -62,19 +67,45 @@ def asks_yes_no(prompt: str) -> bool:
     return bool(_AUXILIARY_START.match(question))
 
 
-def yes_no_token_ids(tokenizer) -> tuple[int, int]:
-    """First token ids of the answers "yes" and "no" (LLaMA-2: "▁yes" 4874, "▁no" 694)."""
-    yes_id, no_id = tokenizer.encode("yes")[0], tokenizer.encode("no")[0]
-    if yes_id == no_id:
-        raise ValueError(f"the tokenizer starts 'yes' and 'no' with the same token ({yes_id}); "
+def yes_no_token_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(yes ids, no ids): the single-token spellings of each word (LLaMA-2: "▁yes" 4874, "▁Yes" 3869, ...).
+
+    A word without any single-token spelling falls back to the first piece of its answer, with a warning.
+    """
+    words = {word: _single_token_spellings(tokenizer, word) for word in ("yes", "no")}
+    for word in [word for word, ids in words.items() if not ids]:
+        first = tokenizer.encode(word)[0]
+        words[word] = (first,)
+        _LOG.warning("'%s' is no single token of this tokenizer (it is %s): P(yes) compares first pieces and is "
+                     "approximate (first piece %r).", word,
+                     " ".join(repr(tokenizer.id_to_piece(i)) for i in tokenizer.encode(word)),
+                     tokenizer.id_to_piece(first))
+    if set(words["yes"]) & set(words["no"]):
+        raise ValueError(f"the tokenizer starts 'yes' and 'no' with the same token {words['yes']}; "
                          "a yes/no probability cannot be read from it.")
-    return yes_id, no_id
+    return words["yes"], words["no"]
 
 
-def yes_probability(first_logits: torch.Tensor, yes_id: int, no_id: int) -> float:
-    """Softmax over the two logits [V] -> P(yes); equals sigmoid(logit_yes - logit_no)."""
-    pair = first_logits.float()[[yes_id, no_id]]  # [2]
-    return float(torch.softmax(pair, dim=0)[0])
+def _single_token_spellings(tokenizer, word: str) -> tuple[int, ...]:
+    """Ids of the pieces that spell `word` in lower, title or upper case, with or without the leading "▁"."""
+    ids = []
+    for piece in (prefix + spelled for spelled in (word, word.title(), word.upper()) for prefix in ("\u2581", "")):
+        token_id = tokenizer.piece_to_id(piece)  # unk for an unknown piece
+        if tokenizer.id_to_piece(token_id) == piece and token_id not in tokenizer.special_ids and token_id not in ids:
+            ids.append(token_id)
+    return tuple(ids)
+
+
+def yes_probability(first_logits: torch.Tensor, yes_ids: int | Sequence[int], no_ids: int | Sequence[int]) -> float:
+    """P(yes) / (P(yes) + P(no)) from the first-token logits [V], each word's probability summed over its ids."""
+    logits = first_logits.float()
+    yes = torch.logsumexp(logits[list(_as_ids(yes_ids))], dim=0)
+    no = torch.logsumexp(logits[list(_as_ids(no_ids))], dim=0)
+    return float(torch.sigmoid(yes - no))
+
+
+def _as_ids(ids: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)
 
 
 def to_slice_result(answer: str, token_ids: Sequence[int], token_logprobs: Sequence[float], tokenizer,

@@ -1,0 +1,52 @@
+"""Reading answers at the token level: P(yes) over every single-token spelling, box confidence over numbers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from backend.answers import yes_no_token_ids, yes_probability
+from backend.tiny import build_tiny_sentencepiece
+from backend.tokenizer import UpstreamLlamaTokenizer
+
+
+@pytest.fixture(scope="module")
+def rich_tokenizer(tmp_path_factory):
+    """A tiny LLaMA-like tokenizer with room for whole-word pieces: '▁yes', '▁Yes', 'Yes', '▁no', 'no', ..."""
+    return UpstreamLlamaTokenizer(build_tiny_sentencepiece(tmp_path_factory.mktemp("rich"), vocab_size=800))
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from pathlib import Path
+    return UpstreamLlamaTokenizer(Path(__file__).parents[1] / "backend" / "demo_model" / "model" /
+                                  "tokenizer.model")
+
+
+def _logits(tokenizer, probabilities: dict[str, float]) -> torch.Tensor:
+    """First-token logits [V] giving each named piece its probability, the rest spread over the vocabulary."""
+    rest = (1.0 - sum(probabilities.values())) / (tokenizer.vocab_size - len(probabilities))
+    p = torch.full((tokenizer.vocab_size,), rest)
+    for piece, value in probabilities.items():
+        p[tokenizer.piece_to_id(piece)] = value
+    return p.log()
+
+
+def test_p_yes_sums_every_single_token_spelling_of_yes_and_of_no(rich_tokenizer):
+    yes_ids, no_ids = yes_no_token_ids(rich_tokenizer)
+    pieces = {word: {rich_tokenizer.id_to_piece(i) for i in ids} for word, ids in (("yes", yes_ids), ("no", no_ids))}
+    assert pieces == {"yes": {"\u2581yes", "\u2581Yes", "Yes"}, "no": {"\u2581no", "no", "\u2581No", "No", "NO"}}
+    # the model says "Yes" (capitalised) with 0.5 and "▁no" with 0.2: P(yes) = (0.1 + 0.4) / (0.1 + 0.4 + 0.2),
+    # where reading "▁yes" against "▁no" alone gave 0.1 / 0.3 = 0.33: a yes read as a no
+    # (the rest on "▁", which starts neither word)
+    logits = _logits(rich_tokenizer, {"\u2581yes": 0.1, "\u2581Yes": 0.3, "Yes": 0.1, "\u2581no": 0.2, "\u2581": 0.2999})
+    assert yes_probability(logits, yes_ids, no_ids) == pytest.approx(0.5 / 0.7, abs=1e-4)
+
+
+def test_a_word_of_several_pieces_is_read_from_its_first_piece_with_a_warning(demo_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="backend.answers"):
+        yes_ids, no_ids = yes_no_token_ids(demo_tokenizer)
+    assert [demo_tokenizer.id_to_piece(i) for i in yes_ids + no_ids] == ["\u2581y", "\u2581"]
+    assert "'no' is no single token of this tokenizer" in caplog.text and "approximate" in caplog.text
