@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
 
-from backend.answers import yes_no_token_ids, yes_probability
+from backend.answers import to_slice_result, yes_no_token_ids, yes_probability
 from backend.tiny import build_tiny_sentencepiece
 from backend.tokenizer import UpstreamLlamaTokenizer
 
@@ -50,3 +51,15 @@ def test_a_word_of_several_pieces_is_read_from_its_first_piece_with_a_warning(de
         yes_ids, no_ids = yes_no_token_ids(demo_tokenizer)
     assert [demo_tokenizer.id_to_piece(i) for i in yes_ids + no_ids] == ["\u2581y", "\u2581"]
     assert "'no' is no single token of this tokenizer" in caplog.text and "approximate" in caplog.text
+
+
+def test_box_confidence_is_read_from_the_number_tokens_only(demo_tokenizer):
+    answer = "{<12><34><56><78>}"
+    ids = demo_tokenizer.encode(" " + answer) + [demo_tokenizer.eos_id]
+    pieces = [demo_tokenizer.id_to_piece(i) for i in ids]
+    # structural pieces ("{", "<", ">", "}", EOS) near certain, every digit at probability 0.5
+    logprobs = [math.log(0.5) if piece.strip("\u2581").isdigit() else math.log(0.999) for piece in pieces]
+    assert sum(piece.strip("\u2581").isdigit() for piece in pieces) == 8  # split digits: one piece per digit
+    result = to_slice_result(answer, ids, logprobs, demo_tokenizer, 200, 100)
+    # over every token of the box the structural ones pulled it to about 0.7; over the numbers it is 0.5
+    assert result.boxes[0].confidence == pytest.approx(0.5)

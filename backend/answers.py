@@ -2,9 +2,10 @@
 
 * Boxes: the answer is parsed with `SlicerMiniGPTPancreas.grammar` and each grid box is mapped to pixel index
   coordinates of the slice that was SENT (its own width and height, not the model's square input size).
-* Box confidence: the geometric mean of the model's probabilities of the generated tokens that spell the box
-  ("{<12><34><56><78>}"), i.e. exp(mean log-probability). A token is the box's when its characters overlap the
-  box's characters in the decoded answer.
+* Box confidence: the geometric mean of the model's probabilities of the generated tokens that spell the box's
+  NUMBERS (the digits of "{<12><34><56><78>}"), i.e. exp(mean log-probability). The braces and angle brackets
+  are near-certain for any trained model and would pull every confidence towards 1. A token counts when its
+  characters overlap a digit of the box in the decoded answer.
 * Yes/no probability: P(yes) / (P(yes) + P(no)) from the first answer token's logits, each word's probability
   summed over its single-token spellings ("yes", "Yes", "YES", with and without the leading-space piece "▁";
   the same for "no"). A tokenizer that spells a word only in several pieces (the bundled demo model's, where
@@ -41,7 +42,7 @@ class DetectedBox:
 
     box: tuple[float, float, float, float]  # (x_min, y_min, x_max, y_max)
     label: str | None  # phrase of "<p>label</p>" answers, else None
-    confidence: float  # 0..1: geometric mean of the probabilities of the box's generated tokens
+    confidence: float  # 0..1: geometric mean of the probabilities of the box's generated number tokens
 
 
 @dataclass(frozen=True)
@@ -129,27 +130,31 @@ def to_slice_result(answer: str, token_ids: Sequence[int], token_logprobs: Seque
 
 def box_confidences(answer: str, grid_boxes: Sequence[grammar.GridBox], token_ids: Sequence[int],
                     token_logprobs: Sequence[float], tokenizer) -> list[float]:
-    """exp(mean log-probability) of the tokens that spell each box, in the order of `grid_boxes`.
+    """exp(mean log-probability) of the tokens that spell each box's numbers, in the order of `grid_boxes`.
 
     The boxes are found as "{...}" spans of the answer (the all-zero "absent" boxes, which the grammar drops, are
     skipped). When the spans cannot be matched to the parsed boxes (answers with "<s>"/"<unk>" noise inside), every
-    box gets the confidence of the whole answer.
+    box gets the confidence of all the number tokens of the answer.
     """
     if not grid_boxes:
         return []
     decoded, spans = token_char_spans(tokenizer, token_ids)  # spans[i] = (start, end) or None for special ids
     answer_start = _answer_offset(decoded, answer)
-    present, found = [], []  # character spans in `answer` and grid values of the boxes that are not "absent"
+    present, found = [], []  # digit spans in `decoded` and grid values of the boxes that are not "absent"
     for match in _BOX_TEXT.finditer(answer):
         parsed = grammar.parse_answer(match.group())
         if parsed.grid_boxes:
-            present.append((match.start(), match.end()))
+            present.append(_digit_runs(match.group(), (answer_start or 0) + match.start()))
             found.append(parsed.grid_boxes[0].as_tuple())
     if answer_start is None or found != [box.as_tuple() for box in grid_boxes]:
-        whole = _geometric_mean(token_logprobs, spans, 0, len(decoded))
+        whole = _geometric_mean(token_logprobs, spans, _digit_runs(decoded, 0))
         return [whole] * len(grid_boxes)
-    return [_geometric_mean(token_logprobs, spans, answer_start + start, answer_start + end)
-            for start, end in present]
+    return [_geometric_mean(token_logprobs, spans, runs) for runs in present]
+
+
+def _digit_runs(text: str, offset: int) -> list[tuple[int, int]]:
+    """Character spans (start, end), shifted by `offset`, of the digit runs of `text`."""
+    return [(offset + run.start(), offset + run.end()) for run in re.finditer(r"\d+", text)]
 
 
 def token_char_spans(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int] | None]]:
@@ -183,9 +188,11 @@ def _answer_offset(decoded: str, answer: str) -> int | None:
     return position if position >= 0 and answer else None
 
 
-def _geometric_mean(logprobs: Sequence[float], spans: Sequence[tuple[int, int] | None], start: int,
-                    end: int) -> float:
-    chosen = [lp for lp, span in zip(logprobs, spans) if span is not None and span[0] < end and span[1] > start]
+def _geometric_mean(logprobs: Sequence[float], spans: Sequence[tuple[int, int] | None],
+                    runs: Sequence[tuple[int, int]]) -> float:
+    """exp(mean log-probability) of the tokens whose character span overlaps one of `runs`."""
+    chosen = [lp for lp, span in zip(logprobs, spans)
+              if span is not None and any(span[0] < end and span[1] > start for start, end in runs)]
     return math.exp(sum(chosen) / len(chosen)) if chosen else 0.0
 
 
