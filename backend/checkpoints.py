@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from backend.checkpoint_io import (
     ROTARY_INV_FREQ, CheckpointError, find_problems, load_torch_file, lora_key, normalize_lora_names, refuse,
@@ -158,7 +159,7 @@ def assemble_model(config: MiniGPTConfig, vit_raw: dict[str, torch.Tensor], base
     config.validate()
     report = [f"ViT: {config.vision}", f"LLaMA folder: {base.llama_dir}"]
     # Every check runs before the (slow) LLaMA weights are read.
-    vit_state = _checked_vit_state(config.vision, vit_raw, base.vit_checkpoint, report)
+    vit_state = _checked_vit_state(config.vision, vit_raw, base.vit_checkpoint, report, dtype)
     llama_config = read_llama_config(base.llama_dir)
     if tokenizer.vocab_size > llama_config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} pieces but the LLaMA in {base.llama_dir} "
@@ -200,12 +201,19 @@ def assemble_model(config: MiniGPTConfig, vit_raw: dict[str, torch.Tensor], base
     return model.eval()
 
 
-def _checked_vit_state(vision: VisionConfig, raw: dict[str, torch.Tensor], file: Path,
-                       report: list[str]) -> dict[str, torch.Tensor]:
-    """The raw tensors the ViT needs, upcast to float32 (exact) and `pos_embed` interpolated to the new grid."""
+def _checked_vit_state(vision: VisionConfig, raw: dict[str, torch.Tensor], file: Path, report: list[str],
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The raw tensors the ViT needs (taken out of `raw`): Conv2d/Linear weights in `dtype` as
+    `EvaViT.cast_matmul_weights_` makes them, the rest upcast to float32 (exact); `pos_embed` interpolated to the new
+    grid. Taking them out one at a time keeps the real 2 GB file from being held twice (or as 4 GB of float32)
+    while the LLaMA loads."""
     with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in EvaViT(vision).state_dict().items()}
-    state = {key: raw[key].float() for key in expected if key in raw}
+        tower = EvaViT(vision)
+    expected = {key: tuple(value.shape) for key, value in tower.state_dict().items()}
+    matmul = {f"{name}.{key}" for name, module in tower.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))
+              for key, _ in module.named_parameters(recurse=False)}
+    ignored = sorted(set(raw) - set(expected))
+    state = {key: raw.pop(key).to(dtype if key in matmul else torch.float32) for key in expected if key in raw}
     pos_embed = state.get("pos_embed")
     if pos_embed is not None and pos_embed.dim() == 3 and pos_embed.shape[-1] == vision.width:
         try:
@@ -214,7 +222,6 @@ def _checked_vit_state(vision: VisionConfig, raw: dict[str, torch.Tensor], file:
             pass  # a non-square grid stays as it is and is reported as mis-shaped below
     refuse(file, "EVA ViT checkpoint", find_problems(expected, state),
            "Pass the original eva_vit_g.pth (re-download it if it is damaged).")
-    ignored = sorted(set(raw) - set(expected))
     if ignored:
         report.append(f"ignored {len(ignored)} tensor(s) of {file} that the {vision.depth}-block ViT does not use: "
                       + _short_list(ignored))

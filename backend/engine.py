@@ -2,17 +2,25 @@
 
 Each slice goes through the one preprocessing of the project (`SlicerMiniGPTPancreas.preprocess.hu_slice_to_rgb`,
 then `backend.preprocess_image` to the model's square input); slices are answered in batches of `batch_size`
-(one image encoding and one left-padded, KV-cached greedy decoding per batch, `MiniGPTv2.generate`); every answer
-is parsed with the shared grammar, its boxes are mapped to pixels of the slice that was sent and scored
-(`backend.answers`). All input is checked before the first batch runs, so a bad slice costs no model time.
+(one left-padded, KV-cached greedy decoding per batch, `MiniGPTv2.decode_batch`); every answer is parsed with the
+shared grammar, its boxes are mapped to pixels of the slice that was sent and scored (`backend.answers`). All input
+is checked before the first batch runs, so a bad slice costs no model time.
+
+Fewer model calls than one `generate` per question, with the same answers:
+  * the vision tower encodes a slice once, however many questions it is asked (a cascade sweep asks up to three):
+    image embeddings are kept, keyed by the slice's bytes, up to `image_cache_bytes` (least recently used first out);
+  * box answers are decoded with jump-forward (`backend.decoding.BoxDrafter`): the pieces between the numbers
+    ride along with the next model call and are kept only where greedy decoding would have written them.
 
 The engine holds no files and no HTTP; it is not thread-safe (the service runs it from one GPU queue).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +32,7 @@ from backend.answers import (
     BoxGrammarConstraint, DetectedBox, SliceResult, asks_yes_no, to_slice_result, yes_no_token_ids,
     yes_probability,
 )
-from backend.decoding import SamplingOptions
+from backend.decoding import BoxDrafter, SamplingOptions
 from backend.image import preprocess_image
 from SlicerMiniGPTPancreas import preprocess
 
@@ -50,12 +58,14 @@ class InferenceEngine:
     """Batched question answering on CT slices with one loaded `MiniGPTv2`."""
 
     def __init__(self, model, *, batch_size: int = 8, box_decoding: str = "center", image_variant: str = "window",
-                 model_id: str | None = None, precision: str | None = None, synthetic: bool = False) -> None:
+                 model_id: str | None = None, precision: str | None = None, synthetic: bool = False,
+                 image_cache_bytes: int = 1 << 30) -> None:
         """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). box_decoding: "center" (the middle
         of the grid cell) or "floor" (upstream's evaluation). image_variant: the intensity rule of
         `SlicerMiniGPTPancreas.preprocess` ("window" = upstream HEAD, "paper"). precision: how the weights are
         held, for reports (default: the model's compute dtype, e.g. "float32"). synthetic: the model was trained
-        on synthetic data only (a demonstration model; the service reports it)."""
+        on synthetic data only (a demonstration model; the service reports it). image_cache_bytes: how much
+        memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EngineError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         if box_decoding not in BOX_DECODINGS:
@@ -73,6 +83,9 @@ class InferenceEngine:
         self.image_size: int = model.config.vision.image_size
         self._yes_id, self._no_id = yes_no_token_ids(model.tokenizer)
         self._box_constraint: BoxGrammarConstraint | None = None  # built on first use (scans the vocabulary)
+        self._drafter = BoxDrafter(model.tokenizer)
+        self._images = _EmbeddingCache(image_cache_bytes)
+        self.images_encoded = 0  # slices the vision tower has encoded (benchmarks and tests read it)
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -106,7 +119,7 @@ class InferenceEngine:
         only one box "{<x1><y1><x2><y2>}" (detection prompts; see `backend.answers.BoxGrammarConstraint`)."""
         slices = _checked_arrays(slices_hu, "slices_hu", _check_hu_slice)
         return self._run(slices, lambda hu: preprocess.hu_slice_to_rgb(hu, self.image_variant), prompts,
-                         max_new_tokens, progress, should_cancel, constrain_boxes)
+                         max_new_tokens, progress, should_cancel, constrain_boxes, f"hu/{self.image_variant}")
 
     def run_rgb(self, images_rgb: Sequence[np.ndarray], prompts: str | Sequence[str], *, max_new_tokens: int = 20,
                 progress: ProgressCallback | None = None, should_cancel: Callable[[], bool] | None = None,
@@ -115,7 +128,7 @@ class InferenceEngine:
         is dropped as upstream's `convert('RGB')` does). Boxes are in pixels of these images."""
         images = _checked_arrays(images_rgb, "images_rgb", _check_rgb_image)
         return self._run(images, lambda image: image, prompts, max_new_tokens, progress, should_cancel,
-                         constrain_boxes)
+                         constrain_boxes, "rgb")
 
     def chat(self, slice_hu: np.ndarray, messages: Sequence[str], *, max_new_tokens: int = 300,
              sampling: SamplingOptions | None = None) -> SliceResult:
@@ -137,7 +150,7 @@ class InferenceEngine:
 
     def _run(self, images: list[np.ndarray], to_rgb: Callable[[np.ndarray], np.ndarray],
              prompts: str | Sequence[str], max_new_tokens: int, progress: ProgressCallback | None,
-             should_cancel: Callable[[], bool] | None, constrain_boxes: bool) -> list[SliceResult]:
+             should_cancel: Callable[[], bool] | None, constrain_boxes: bool, kind: str) -> list[SliceResult]:
         questions = _checked_prompts(prompts, len(images))
         _check_max_new_tokens(max_new_tokens)
         processor = self._constraint() if constrain_boxes else None
@@ -148,15 +161,33 @@ class InferenceEngine:
                 raise EngineCancelled(f"cancelled after {begin} of {total} slices", results)
             batch = range(begin, min(begin + self.batch_size, total))
             started = time.perf_counter()
-            pixels = torch.stack([preprocess_image(to_rgb(images[i]), self.image_size) for i in batch])  # [B,3,S,S]
-            generation = self.model.generate(pixels, [questions[i] for i in batch], max_new_tokens=max_new_tokens,
-                                             logits_processor=processor)
+            image_embeds = self._image_embeddings([images[i] for i in batch], to_rgb, kind)  # [B, T, H]
+            embeds, mask = self.model.inference_batch(
+                image_embeds, [prompt_text.inference_prompt(questions[i]) for i in batch])
+            generation = self.model.decode_batch(embeds, mask, max_new_tokens, logits_processor=processor,
+                                                 drafter=self._drafter)
             share_ms = (time.perf_counter() - started) * 1000.0 / len(batch)
             results += [self._result(generation, row, questions[i], images[i].shape, share_ms)
                         for row, i in enumerate(batch)]
             if progress is not None:
                 progress(len(results), total)
         return results
+
+    def _image_embeddings(self, images: list[np.ndarray], to_rgb: Callable[[np.ndarray], np.ndarray],
+                          kind: str) -> torch.Tensor:
+        """[B, T, H] LLM embeddings of the images; each distinct image not kept yet goes through the vision tower
+        once, all of them in one call."""
+        keys = [_image_key(image, kind) for image in images]
+        missing = {key: image for key, image in zip(keys, images) if key not in self._images}
+        fresh = {}
+        if missing:
+            pixels = torch.stack([preprocess_image(to_rgb(image), self.image_size) for image in missing.values()])
+            fresh = dict(zip(missing, self.model.encode_images(pixels)))  # key -> [T, H]
+            self.images_encoded += len(missing)
+            for key, embedding in fresh.items():
+                self._images.put(key, embedding)
+        return torch.stack([fresh[key] if key in fresh else self._images.get(key).to(self.model.device)
+                            for key in keys])
 
     def _result(self, generation, row: int, question: str, shape: tuple[int, ...], share_ms: float) -> SliceResult:
         """The SliceResult of row `row` of a `GenerationResult`, for a slice of `shape` [R, C, ...]."""
@@ -170,6 +201,40 @@ class InferenceEngine:
         if self._box_constraint is None:
             self._box_constraint = BoxGrammarConstraint(self.model.tokenizer)
         return self._box_constraint
+
+
+class _EmbeddingCache:
+    """Image embeddings by image key, in host memory, least recently used evicted beyond `capacity_bytes`."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise EngineError(f"image_cache_bytes must be a whole number >= 0, got {capacity_bytes!r}.")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> torch.Tensor:
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: str, embedding: torch.Tensor) -> None:
+        size = embedding.numel() * embedding.element_size()
+        if size > self.capacity_bytes:
+            return
+        self._entries[key] = embedding.to("cpu", copy=True)  # a copy: not a view that pins the whole batch
+        self._bytes += size
+        while self._bytes > self.capacity_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.numel() * dropped.element_size()
+
+
+def _image_key(image: np.ndarray, kind: str) -> str:
+    """Same bytes, shape, dtype and intensity rule -> same model input -> same embedding."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+    return f"{kind}/{image.dtype.str}/{'x'.join(map(str, image.shape))}/{digest}"
 
 
 def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequence[str | os.PathLike] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from backend import prompts
 from backend.batching import IGNORE_INDEX, causal_lm_loss, left_pad, positions_from_mask, training_layout
 from backend.checkpoint_io import to_upstream_name
 from backend.config import MiniGPTConfig
-from backend.decoding import GenerationResult, LogitsProcessor, SamplingOptions, decode
+from backend.decoding import Drafter, GenerationResult, LogitsProcessor, SamplingOptions, decode
 from backend.tokenizer import UpstreamLlamaTokenizer
 from backend.vision import EvaViT
 
@@ -168,21 +169,29 @@ class MiniGPTv2(nn.Module):
 
     @torch.no_grad()
     def decode_batch(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                     sampling: SamplingOptions | None = None,
-                     logits_processor: LogitsProcessor | None = None) -> GenerationResult:
-        """Generate from a ready left-padded batch (`inference_batch`) and post-process the texts as upstream."""
+                     sampling: SamplingOptions | None = None, logits_processor: LogitsProcessor | None = None,
+                     drafter: Drafter | None = None) -> GenerationResult:
+        """Generate from a ready left-padded batch (`inference_batch`) and post-process the texts as upstream.
+        `drafter`: jump-forward proposals (`backend.decoding.BoxDrafter`); the answers stay those of greedy."""
         decoded = decode(self.llama_model, embeds, mask, max_new_tokens, bos_id=self.tokenizer.bos_id,
                          eos_id=self.tokenizer.eos_id, sampling=sampling, logits_processor=logits_processor,
-                         autocast=self.autocast)
+                         autocast=self.autocast, drafter=drafter)
         texts = [prompts.postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=True))
                  for ids in decoded.token_ids]
-        return GenerationResult(decoded.token_ids, texts, decoded.first_logits, decoded.token_logprobs)
+        return GenerationResult(decoded.token_ids, texts, decoded.first_logits, decoded.token_logprobs,
+                                decoded.model_calls)
 
     # ----------------------------------------------------------------------------------------- training
 
     def training_loss(self, pixel_values: torch.Tensor, instructions: Sequence[str],
                       answers: Sequence[str], inference_layout: Sequence[bool] | None = None) -> torch.Tensor:
-        """Upstream's training loss: mean cross-entropy over the answer tokens (answer + "</s>") of the batch.
+        """Upstream's training loss: mean cross-entropy over the answer tokens (answer + "</s>") of the batch."""
+        return self.training_forward(pixel_values, instructions, answers, inference_layout).loss
+
+    def training_forward(self, pixel_values: torch.Tensor, instructions: Sequence[str], answers: Sequence[str],
+                         inference_layout: Sequence[bool] | None = None,
+                         keep_hidden: bool = False) -> TrainingOutput:
+        """The training loss with the labels it was taken over (and the last hidden states when `keep_hidden`).
 
         Prompt "[INST] <Img><ImageHere></Img> {instruction}  [/INST]" after one BOS embedding; answers cut to
         `max_txt_len` tokens and right-padded with "$$"; the batch layout is `backend.batching.training_layout`.
@@ -215,8 +224,16 @@ class MiniGPTv2(nn.Module):
         positions = torch.arange(batch.inputs_embeds.shape[1], device=self.device)[None]  # default arange
         with self.autocast():
             output = self.llama_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                      position_ids=positions, use_cache=False)
-        return causal_lm_loss(output.logits, batch.labels)
+                                      position_ids=positions, use_cache=False, output_hidden_states=keep_hidden)
+        return TrainingOutput(causal_lm_loss(output.logits, batch.labels), batch.labels,
+                              output.hidden_states[-1] if keep_hidden else None)
+
+
+@dataclass
+class TrainingOutput:
+    loss: torch.Tensor  # [] mean cross-entropy over the answer tokens
+    labels: torch.Tensor  # [B, L] IGNORE_INDEX except on answer tokens; position t predicts labels[:, t + 1]
+    hidden: torch.Tensor | None  # [B, L, H] the LLaMA's last hidden states (after its final norm), when kept
 
 
 def _listed(texts: str | Sequence[str]) -> list[str]:
