@@ -19,10 +19,8 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
-)
+from slicer.parameterNodeWrapper import Minimum, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,20 +28,21 @@ _CHECKOUT_DIR = os.path.dirname(_MODULE_DIR)
 if not os.path.isdir(os.path.join(_MODULE_DIR, "SlicerMiniGPTPancreas")) and _CHECKOUT_DIR not in sys.path:
     sys.path.append(_CHECKOUT_DIR)  # run from a source checkout: the core package sits at the repository top level
 
-from MiniGPTPancreasLib.boxes_to_markups import PlacedBox, add_box_rois  # noqa: E402
-from MiniGPTPancreasLib.ground_truth import truth_boxes, truth_choices  # noqa: E402
+from MiniGPTPancreasLib.ground_truth import truth_choices  # noqa: E402
+from MiniGPTPancreasLib.local_server import LOOPBACK_HOSTS, default_executable, default_model_dir  # noqa: E402
 # MiniGPTPancreasLogic lives in the Lib so that it imports without the GUI; this module re-exports it.
-from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic, SweepOutcome, predictions_of  # noqa: E402
-from MiniGPTPancreasLib.prompts import PRESETS  # noqa: E402
-from MiniGPTPancreasLib.summaries import describe_health, describe_response, describe_sweep  # noqa: E402
-from MiniGPTPancreasLib.volume_geometry import add_volume_node, current_model_slice, model_view_geometry  # noqa: E402
-from MiniGPTPancreasLib.worker import FAILED, PROGRESS, BackgroundTask  # noqa: E402
+from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic  # noqa: E402
+from MiniGPTPancreasLib.results import results_table  # noqa: E402
+from MiniGPTPancreasLib.summaries import describe_info, describe_response, describe_sweep  # noqa: E402
+from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_volume, model_view_geometry,  # noqa: E402
+                                                slice_center_ras)
+from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
+from MiniGPTPancreasLib.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
 from SlicerMiniGPTPancreas.client import DEFAULT_URL, ClientError  # noqa: E402
 
-SERVER_URL_SETTING = "MiniGPTPancreas/ServerUrl"
-UPLOAD_WARNING_SETTING = "MiniGPTPancreas/DontShowUploadWarning"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-CUSTOM_PROMPT = "custom"
+SETTINGS = "MiniGPTPancreas/"  # + ServerUrl, ServerExecutable, ModelFolder, DontShowUploadWarning
+CUSTOM_PROMPT = ""  # the menu entry for a question typed by hand
+SERVE_COMMAND = "minigpt-pancreas serve --model <model folder> --port 8765"
 
 
 def _resourcePath(*parts):
@@ -62,9 +61,10 @@ class MiniGPTPancreas(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Ask MiniGPT-Pancreas (MiniGPT-v2 fine-tuned with LoRA on public pancreas CT data) where the pancreas or "
             "a pancreatic tumour is on axial CT slices, or whether a tumour is present. Boxes appear as locked ROI "
-            "markups on their slice; a sweep adds a 3D box around all of them; ground truth gives IoU per slice. "
-            "The model runs in a separate server (`minigpt-pancreas serve`). <b>Research software: not a medical "
-            "device, not for diagnosis or treatment decisions.</b>")
+            "markups on their slice; a sweep adds a 3D box; ground truth gives IoU per slice. The model runs in a "
+            "separate server: <i>Start local server</i> runs <code>{command}</code> from the project's environment "
+            "(or start it yourself in a terminal). <b>Research software: not a medical device, not for diagnosis or "
+            "treatment decisions.</b>").format(command=SERVE_COMMAND)
         self.parent.acknowledgementText = _(
             "Built on MiniGPT-Pancreas (Anastasio et al.) and MiniGPT-v2 (Chen et al.). The module layout follows "
             "3D Slicer's scripted-module template and SlicerMONAIAuto3DSeg.")
@@ -73,17 +73,19 @@ class MiniGPTPancreas(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MiniGPTPancreasParameterNode:
-    """Saved with the scene. The server URL lives in the application settings, the token nowhere."""
+    """Saved with the scene. The server URL lives in the application settings, the token nowhere. `prompt` is not
+    bound to its line edit: Slicer 5.6/5.8 rewrite a bound line edit on every key, moving the cursor to the end."""
 
     inputVolume: vtkMRMLScalarVolumeNode
-    prompt: str = PRESETS[0].prompt
+    prompt: str = ""
     sweep: bool = False
     firstSlice: Annotated[int, Minimum(0)] = 0
     lastSlice: Annotated[int, Minimum(0)] = 0
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
 
 
 class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: network calls run in a BackgroundTask; a timer hands their results back to this (GUI) thread."""
+    """The panel: network calls run in a TaskRunner; a timer hands their results back to this (GUI) thread."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -91,10 +93,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None
-        self._onTaskFinished = None
-        self._lastAnswers = {}  # model-view slice -> QueryResponse of the last Apply
-        self._lastVolumeID = None
+        self._runner = TaskRunner()
         self._truthChoices = []  # (title, truth_mask arguments) per entry of truthPartComboBox
 
     def setup(self):
@@ -104,31 +103,54 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MiniGPTPancreasLogic()
-        for preset in PRESETS:
-            self.ui.presetComboBox.addItem(preset.title, preset.key)
-        self.ui.presetComboBox.addItem(_("Your own question (edit the prompt)"), CUSTOM_PROMPT)
-        self.ui.serverUrlLineEdit.text = qt.QSettings().value(SERVER_URL_SETTING, DEFAULT_URL)
+        self.logic.local_server.launch = lambda args: slicer.util.launchConsoleProcess(args, useStartupEnvironment=True)
+        settings = qt.QSettings()
+        self.ui.serverUrlLineEdit.text = settings.value(SETTINGS + "ServerUrl", DEFAULT_URL)
+        self.ui.executableLineEdit.text = settings.value(SETTINGS + "ServerExecutable", default_executable())
+        self.ui.modelDirLineEdit.text = settings.value(SETTINGS + "ModelFolder", default_model_dir())
         self.ui.progressBar.hide()
+        self._fillPresets()
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
+        self._timer.setInterval(DRAIN_INTERVAL_MS)
         self._timer.connect("timeout()", self._drainTask)
+        self._logTimer = qt.QTimer()  # the local server's output, to the Python console
+        self._logTimer.setInterval(500)
+        self._logTimer.connect("timeout()", self._printServerLog)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
-        self.ui.promptLineEdit.connect("textEdited(QString)", self.onPromptEdited)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onVolumeChanged)
-        self.ui.wholeVolumeButton.connect("clicked(bool)", self.onWholeVolume)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
-        self.ui.truthSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTruthChanged)
-        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        slicer.app.connect("aboutToQuit()", self._stopLocalServer)
+        for name, signal, slot in (
+                ("presetComboBox", "currentIndexChanged(int)", self.onPresetChanged),
+                ("promptLineEdit", "textEdited(QString)", self.onPromptEdited),
+                ("inputVolumeSelector", "currentNodeChanged(vtkMRMLNode*)", self.onVolumeChanged),
+                ("wholeVolumeButton", "clicked(bool)", self.onWholeVolume),
+                ("firstFromCurrentButton", "clicked(bool)", lambda: self._setRangeFromCurrent("firstSlice")),
+                ("lastFromCurrentButton", "clicked(bool)", lambda: self._setRangeFromCurrent("lastSlice")),
+                ("applyButton", "clicked(bool)", self.onApplyButton),
+                ("thresholdSlider", "valueChanged(double)", self.onThresholdChanged),
+                ("startServerButton", "clicked(bool)", self.onStartServer),
+                ("stopServerButton", "clicked(bool)", self._stopLocalServer),
+                ("testConnectionButton", "clicked(bool)", self.onConnect),
+                ("resultsTableView", "clicked(QModelIndex)", self.onResultClicked),
+                ("exportButton", "clicked(bool)", self.onExport),
+                ("truthSelector", "currentNodeChanged(vtkMRMLNode*)", self.onTruthChanged),
+                ("compareButton", "clicked(bool)", self.onCompare),
+                ("chatAskButton", "clicked(bool)", self.onChat),
+                ("chatLineEdit", "returnPressed()", self.onChat)):
+            getattr(self.ui, name).connect(signal, slot)
         self.initializeParameterNode()
 
     def cleanup(self):
+        """Also called when setup() failed half-way: only undo what exists."""
         self.removeObservers()
-        self._abandonTask()
+        if self.logic is None:
+            return
+        self._runner.cancel()
+        self._stopLocalServer()
         self.logic.client.close()
+        self._timer.stop()  # the timers exist: setup() creates them before anything that can fail later
+        self._logTimer.stop()
 
     def enter(self):
         self.initializeParameterNode()
@@ -140,8 +162,9 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event):
-        self._abandonTask()
-        self._lastAnswers, self._lastVolumeID = {}, None
+        if self._runner.cancel():
+            self._taskEnded()
+        self.logic.last_run = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -150,10 +173,8 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         parameterNode = MiniGPTPancreasParameterNode(self.logic.parameter_node(slicer.mrmlScene))
-        if not parameterNode.inputVolume:  # save the user a click
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
-                parameterNode.inputVolume = firstVolume
+        if not parameterNode.inputVolume:  # save the user a click (a label map is never the CT)
+            parameterNode.inputVolume = first_ct_volume(slicer.mrmlScene)
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, inputParameterNode):
@@ -164,38 +185,59 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)  # "SlicerParameterName" in the .ui
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.ui.promptLineEdit.text = self._parameterNode.prompt
             self._selectPresetOf(self._parameterNode.prompt)
             self.onVolumeChanged(self._parameterNode.inputVolume)
         self._updateButtons()
 
     # --- GUI state ------------------------------------------------------------------------------------------------
 
+    def onThresholdChanged(self, threshold):
+        with slicer.util.RenderBlocker():
+            self.logic.set_threshold(slicer.mrmlScene, None, threshold)
+
     def _updateButtons(self, caller=None, event=None):
-        busy = self._task is not None
+        busy = self._runner.busy
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         self.ui.applyButton.text = _("Cancel") if busy else _("Apply")
         self.ui.applyButton.enabled = busy or volume is not None
         sweep = bool(self._parameterNode and self._parameterNode.sweep)
-        for widget in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox, self.ui.wholeVolumeButton):
+        for widget in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox, self.ui.wholeVolumeButton,
+                       self.ui.firstFromCurrentButton, self.ui.lastFromCurrentButton):
             widget.enabled = sweep
-        self.ui.testConnectionButton.enabled = not busy
-        self.ui.compareButton.enabled = (not busy and bool(self._lastAnswers)
+        for widget in (self.ui.testConnectionButton, self.ui.startServerButton, self.ui.chatAskButton):
+            widget.enabled = not busy
+        self.ui.stopServerButton.enabled = self.logic.local_server.running
+        self.ui.exportButton.enabled = self.logic.last_run is not None
+        self.ui.compareButton.enabled = (not busy and self.logic.last_run is not None
                                          and self.ui.truthSelector.currentNode() is not None)
 
-    def _selectPresetOf(self, prompt):
-        keys = [preset.key for preset in PRESETS if preset.prompt == prompt.strip()]
-        index = self.ui.presetComboBox.findData(keys[0] if keys else CUSTOM_PROMPT)
+    def _fillPresets(self):
+        """The questions the connected server offers, then the entry for a question of one's own."""
         wasBlocked = self.ui.presetComboBox.blockSignals(True)
-        self.ui.presetComboBox.currentIndex = index
+        self.ui.presetComboBox.clear()
+        for preset in self.logic.presets:
+            self.ui.presetComboBox.addItem(preset.title, preset.prompt)
+        self.ui.presetComboBox.addItem(_("Your own question (type it below)"), CUSTOM_PROMPT)
+        self.ui.presetComboBox.blockSignals(wasBlocked)
+        if self._parameterNode and not self._parameterNode.prompt and self.logic.presets:
+            self._parameterNode.prompt = self.ui.promptLineEdit.text = self.logic.presets[0].prompt
+        self._selectPresetOf(self.ui.promptLineEdit.text)
+
+    def _selectPresetOf(self, prompt):
+        index = self.ui.presetComboBox.findData(prompt.strip())
+        wasBlocked = self.ui.presetComboBox.blockSignals(True)
+        self.ui.presetComboBox.currentIndex = index if index >= 0 else self.ui.presetComboBox.count - 1
         self.ui.presetComboBox.blockSignals(wasBlocked)
 
     def onPresetChanged(self, index):
-        key = self.ui.presetComboBox.itemData(index)
-        preset = next((preset for preset in PRESETS if preset.key == key), None)
-        if preset is not None and self._parameterNode:
-            self._parameterNode.prompt = preset.prompt
+        prompt = self.ui.presetComboBox.itemData(index)
+        if prompt and self._parameterNode:
+            self._parameterNode.prompt = self.ui.promptLineEdit.text = prompt
 
     def onPromptEdited(self, text):
+        if self._parameterNode:
+            self._parameterNode.prompt = text  # the line edit is not rewritten: the cursor stays where it is
         self._selectPresetOf(text)
 
     def onVolumeChanged(self, volumeNode):
@@ -207,46 +249,114 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spinBox.maximum = slices - 1
         if self._parameterNode and (self._parameterNode.lastSlice == 0 or self._parameterNode.lastSlice >= slices):
             self._parameterNode.lastSlice = slices - 1
+        if volumeNode is not None:  # the Red view shows the volume asked about, so "the current slice" is its slice
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
 
     def onWholeVolume(self):
         self._parameterNode.firstSlice = 0
         self._parameterNode.lastSlice = self.ui.lastSliceSpinBox.maximum
 
-    # --- running a question --------------------------------------------------------------------------------------
-
-    def onApplyButton(self):
-        if self._task is not None:
-            self._task.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-            return
-        try:
-            self._connectLogic()
-            if not self._confirmUpload():
-                return
-            volume, prompt = self._parameterNode.inputVolume, self._parameterNode.prompt.strip()
-            if not prompt:
-                raise ValueError(_("The prompt is empty. Choose a question or type one."))
-            if self._parameterNode.sweep:
-                self._startSweep(volume, prompt)
-            else:
-                self._startSliceQuery(volume, prompt)
-        except Exception as error:  # noqa: BLE001 - every failure is shown, none is lost
-            self._reportError(error)
-
-    def _startSliceQuery(self, volume, prompt):
+    def _currentSlice(self, volume):
         redSliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
         if redSliceNode is None:
             raise ValueError(_("There is no Red slice view to take the current slice from; sweep a slice range."))
-        sliceIndex = current_model_slice(volume, redSliceNode)
-        request = self.logic.prepare_slice(volume, sliceIndex)
+        return current_model_slice(volume, redSliceNode)
+
+    def _setRangeFromCurrent(self, field):
+        try:
+            setattr(self._parameterNode, field, self._currentSlice(self._parameterNode.inputVolume))
+        except Exception as error:  # noqa: BLE001
+            self._reportError(error)
+
+    # --- the server -----------------------------------------------------------------------------------------------
+
+    def _connectLogic(self):
+        """Point the logic at the URL and token of the panel; remember the URL (never the token)."""
+        self.logic.set_server(self.ui.serverUrlLineEdit.text, self.ui.tokenLineEdit.text or None)
+        self.ui.serverUrlLineEdit.text = self.logic.client.base_url
+        qt.QSettings().setValue(SETTINGS + "ServerUrl", self.logic.client.base_url)
+
+    def onStartServer(self):
+        try:
+            self._connectLogic()
+            server = self.logic.local_server
+            server.executable = self.ui.executableLineEdit.text.strip() or default_executable()
+            server.model_dir = self.ui.modelDirLineEdit.text.strip()
+            qt.QSettings().setValue(SETTINGS + "ServerExecutable", server.executable)
+            qt.QSettings().setValue(SETTINGS + "ModelFolder", server.model_dir)
+            self._logTimer.start()
+            self._start(lambda report, cancelled: self.logic.start_local_server(should_cancel=cancelled),
+                        lambda result: self._showInfo(result[1]), _("Starting: {command}").format(command=server.shown))
+        except Exception as error:  # noqa: BLE001
+            self._reportError(error)
+
+    def _stopLocalServer(self):
+        if self.logic is not None and self.logic.stop_local_server() is not None:
+            self.ui.modelLabel.text = _("The local server was stopped.")
+        self._printServerLog()
+        self._updateButtons()
+
+    def _printServerLog(self):
+        for line in self.logic.local_server.log_lines():
+            print(f"[minigpt-pancreas serve] {line}")
+
+    def onConnect(self):
+        try:
+            self._connectLogic()
+        except Exception as error:  # noqa: BLE001
+            self._reportError(error)
+            return
+        self._start(lambda report, cancelled: self.logic.connect(), self._showInfo,
+                    _("Contacting {url}...").format(url=self.logic.client.base_url))
+
+    def _showInfo(self, info):
+        self.ui.modelLabel.text = describe_info(info, self.logic.client.base_url)
+        self.ui.statusLabel.text = self.ui.modelLabel.text
+        self._fillPresets()
+
+    def _confirmUpload(self):
+        if urlsplit(self.logic.client.base_url).hostname in LOOPBACK_HOSTS:
+            return True
+        return slicer.util.confirmOkCancelDisplay(
+            _("The voxel values of the CT slices you ask about (no names, no DICOM tags) will be sent to {url}. "
+              "Continue?").format(url=self.logic.client.base_url),
+            windowTitle=_("MiniGPT-Pancreas"), dontShowAgainSettingsKey=SETTINGS + "DontShowUploadWarning")
+
+    # --- running a question --------------------------------------------------------------------------------------
+
+    def onApplyButton(self):
+        if self._runner.busy:
+            freed = self._runner.cancel()
+            self.ui.statusLabel.text = _("Cancelled; a late answer will be dropped.") if freed else _("Cancelling...")
+            if freed:
+                self._taskEnded()
+            return
+        try:
+            volume, prompt = self._readyVolume(), self._parameterNode.prompt.strip()
+            if not prompt:
+                raise ValueError(_("The prompt is empty. Connect to the server to see its questions, or type one."))
+            if volume is not None:
+                (self._startSweep if self._parameterNode.sweep else self._startSliceQuery)(volume, prompt)
+        except Exception as error:  # noqa: BLE001 - every failure is shown, none is lost
+            self._reportError(error)
+
+    def _readyVolume(self):
+        """The input volume once the logic points at the panel's server and the user agreed to send voxels."""
+        volume = self._parameterNode.inputVolume
+        if volume is None:
+            raise ValueError(_("Choose a CT volume first."))
+        self._connectLogic()
+        return volume if self._confirmUpload() else None
+
+    def _startSliceQuery(self, volume, prompt):
+        request = self.logic.prepare_slice(volume, self._currentSlice(volume))
 
         def finished(response):
-            self.logic.add_slice_boxes(request, response, prompt, slicer.mrmlScene, volume)
-            self._lastAnswers, self._lastVolumeID = {sliceIndex: response}, volume.GetID()
-            self.ui.statusLabel.text = describe_response(response, sliceIndex)
+            run = self.logic.add_slice_boxes(request, response, prompt, slicer.mrmlScene, volume)
+            self._showRun(run, describe_response(response, request.slice_index))
 
         self._start(lambda report, cancelled: self.logic.query_slice(request, prompt), finished,
-                    _("Asking about slice {index}...").format(index=sliceIndex))
+                    _("Asking about slice {index}...").format(index=request.slice_index), dropWhenCancelled=True)
 
     def _startSweep(self, volume, prompt):
         request = self.logic.prepare_sweep(volume, (self._parameterNode.firstSlice, self._parameterNode.lastSlice))
@@ -255,88 +365,92 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.logic.run_sweep(request, prompt, lambda done, total: report((done, total)), cancelled)
 
         def finished(outcome):
-            self.logic.add_sweep_boxes(request, outcome, prompt, slicer.mrmlScene, volume)
-            self._lastAnswers, self._lastVolumeID = outcome.responses, volume.GetID()
-            self.ui.statusLabel.text = describe_sweep(outcome.state, outcome.done, outcome.total, outcome.responses,
-                                                      outcome.message)
+            with slicer.util.RenderBlocker():
+                run = self.logic.add_sweep_boxes(request, outcome, prompt, slicer.mrmlScene, volume,
+                                                 self._parameterNode.threshold)
+            self._showRun(run, describe_sweep(
+                outcome.state, outcome.done, outcome.total, outcome.responses, outcome.message))
 
         self._start(work, finished, _("Uploading slices {first} to {last}...").format(
             first=request.first_slice, last=request.last_slice))
 
-    def onTestConnection(self):
+    def _showRun(self, run, text):
+        self.ui.resultsTableView.setMRMLTableNode(results_table(slicer.mrmlScene, run.number))
+        if run.dropped:
+            text += " " + _("Only the {count} most confident boxes are drawn; the table has every answer.").format(
+                count=len(run.rois))
+        self.ui.statusLabel.text = text
+
+    def onResultClicked(self, index):
+        """Jump the slice views to the slice of the clicked row (its first column)."""
+        volume = self.logic.last_run.volume_node if self.logic.last_run else None
+        text = self.ui.resultsTableView.model().data(self.ui.resultsTableView.model().index(index.row(), 0))
+        if volume is not None and str(text).isdigit():
+            center = slice_center_ras(model_view_geometry(volume), int(text))
+            slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *center)
+
+    def onExport(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Export the run into a folder"))
+        if not folder:
+            return
         try:
-            self._connectLogic()
+            paths = self.logic.export_last_run(folder)
+            self.ui.statusLabel.text = _("Exported {files}.").format(files=", ".join(str(p) for p in paths))
+        except Exception as error:  # noqa: BLE001
+            self._reportError(error)
+
+    def onChat(self):
+        try:
+            volume = self._readyVolume()
+            if volume is None:
+                return
+            request = self.logic.prepare_slice(volume, self._currentSlice(volume))
+            sent = self.logic.chat_session.ask(volume.GetID(), request.slice_index, self.ui.chatLineEdit.text)
         except Exception as error:  # noqa: BLE001
             self._reportError(error)
             return
-        url = self.logic.client.base_url
-        self._start(lambda report, cancelled: self.logic.check_server(),
-                    lambda health: setattr(self.ui.statusLabel, "text", describe_health(health, url)),
-                    _("Contacting {url}...").format(url=url))
 
-    def _connectLogic(self):
-        """Point the logic at the URL and token of the panel; remember the URL (never the token)."""
-        self.logic.set_server(self.ui.serverUrlLineEdit.text, self.ui.tokenLineEdit.text or None)
-        self.ui.serverUrlLineEdit.text = self.logic.client.base_url
-        qt.QSettings().setValue(SERVER_URL_SETTING, self.logic.client.base_url)
+        def finished(reply):
+            run = self.logic.add_chat_boxes(request, sent, reply, slicer.mrmlScene, volume)
+            self.ui.chatTranscript.plainText = self.logic.chat_session.transcript()
+            self.ui.chatLineEdit.text = ""
+            self.ui.statusLabel.text = _("The model answered; {count} boxes drawn.").format(
+                count=len(run.rois) if run else 0)
 
-    def _confirmUpload(self):
-        if urlsplit(self.logic.client.base_url).hostname in LOOPBACK_HOSTS:
-            return True
-        return slicer.util.confirmOkCancelDisplay(
-            _("The voxel values of the CT slices you ask about (no names, no DICOM tags) will be sent to {url}. "
-              "Continue?").format(url=self.logic.client.base_url),
-            windowTitle=_("MiniGPT-Pancreas"), dontShowAgainSettingsKey=UPLOAD_WARNING_SETTING)
+        self._start(lambda report, cancelled: self.logic.chat(request, sent), finished,
+                    _("Asking about slice {index}...").format(index=request.slice_index), dropWhenCancelled=True)
 
-    def _start(self, work, onFinished, statusText):
-        self._task, self._onTaskFinished = BackgroundTask(work), onFinished
+    def _start(self, work, onFinished, statusText, dropWhenCancelled=False):
+        self._runner.start(work, onFinished, self._showProgress, drop_when_cancelled=dropWhenCancelled)
         self.ui.statusLabel.text = statusText
         self.ui.progressBar.setRange(0, 0)  # busy indicator until the task reports progress
         self.ui.progressBar.show()
-        self._task.start()
         self._timer.start()
         self._updateButtons()
 
-    def _drainTask(self):
-        task = self._task
-        if task is None:
-            self._timer.stop()
-            return
-        for event in task.drain():
-            if event.kind == PROGRESS:
-                done, total = event.payload
-                self.ui.progressBar.setRange(0, total)
-                self.ui.progressBar.value = done
-                self.ui.statusLabel.text = _("Sweeping: {done} of {total} slices answered").format(done=done,
-                                                                                                 total=total)
-                continue
-            self._timer.stop()
-            self._task, onFinished = None, self._onTaskFinished
-            self.ui.progressBar.hide()
-            try:
-                if event.kind == FAILED:
-                    raise event.payload
-                if task.cancel_requested and not isinstance(event.payload, SweepOutcome):
-                    self.ui.statusLabel.text = _("Cancelled; the late answer was dropped.")
-                else:
-                    onFinished(event.payload)
-            except Exception as error:  # noqa: BLE001
-                self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
-                self._reportError(error)
-            self._updateButtons()
-            return
+    def _showProgress(self, progress):
+        done, total = progress
+        self.ui.progressBar.setRange(0, total)
+        self.ui.progressBar.value = done
+        self.ui.statusLabel.text = _("Sweeping: {done} of {total} slices answered").format(done=done, total=total)
 
-    def _abandonTask(self):
-        """Stop listening to the running task (it stops at its next check); its result is dropped."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    def _drainTask(self):
+        try:
+            self._runner.poll()
+        except Exception as error:  # noqa: BLE001
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+            self._reportError(error)
+        if not self._runner.busy:
+            self._taskEnded()
+
+    def _taskEnded(self):
         self._timer.stop()
         self.ui.progressBar.hide()
+        self._updateButtons()
 
     @staticmethod
     def _reportError(error):
-        if isinstance(error, (ClientError, ValueError)):  # their messages say what happened and what to do
+        if isinstance(error, (ClientError, ValueError, RuntimeError)):  # their messages say what to do
             slicer.util.errorDisplay(str(error), windowTitle=_("MiniGPT-Pancreas"))
             return
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -355,76 +469,18 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompare(self):
         try:
-            truthNode, volume = self.ui.truthSelector.currentNode(), slicer.mrmlScene.GetNodeByID(self._lastVolumeID)
-            if volume is None:
-                raise ValueError(_("The volume of the last answers is gone; ask again first."))
-            if not any(response.kind == "boxes" for response in self._lastAnswers.values()):
-                raise ValueError(_("The last answers have no boxes (a yes/no question?). Ask a box question first."))
             _title, selection = self._truthChoices[self.ui.truthPartComboBox.currentIndex]
-            comparison = self.logic.compare_with_ground_truth(volume, truthNode, predictions_of(self._lastAnswers),
-                                                              **selection)
+            with slicer.util.RenderBlocker():
+                comparison = self.logic.compare_last_run(self.ui.truthSelector.currentNode(), **selection)
         except Exception as error:  # noqa: BLE001
             self._reportError(error)
             return
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(comparison.table_node.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(comparison.table_node.GetID())
+        selection.SetActivePlotChartID(comparison.plot_chart_node.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        slicer.app.applicationLogic().PropagatePlotChartSelection()
         mean = "n/a" if comparison.mean_iou is None else f"{comparison.mean_iou:.3f}"
-        self.ui.statusLabel.text = _("Mean IoU {mean} over {count} slices; see the table '{name}'.").format(
-            mean=mean, count=len(comparison.rows), name=comparison.table_node.GetName())
-
-
-class MiniGPTPancreasTest(ScriptedLoadableModuleTest):
-    """Self-test: the geometry and ground-truth path always; a real question only when a server answers (IfReady)."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        self.setUp()
-        self.test_MiniGPTPancreas_GroundTruthAndRois()
-        self.setUp()
-        self.test_MiniGPTPancreas_AnalyzeSliceIfReady()
-
-    def _phantomNodes(self):
-        from SlicerMiniGPTPancreas.phantom import make_phantom
-
-        phantom = make_phantom(0)
-        ct = add_volume_node(slicer.mrmlScene, phantom.hu, phantom.ijk_to_ras, "MiniGPT-Pancreas phantom CT")
-        labels = add_volume_node(slicer.mrmlScene, phantom.labels, phantom.ijk_to_ras, "phantom labels",
-                                 "vtkMRMLLabelMapVolumeNode")
-        return phantom, ct, labels
-
-    def test_MiniGPTPancreas_GroundTruthAndRois(self):
-        self.delayDisplay("Truth boxes of a phantom, fed back as predictions, score IoU 1 and become ROIs")
-        phantom, ct, labels = self._phantomNodes()
-        truths = truth_boxes(phantom.labels > 0, phantom.ijk_to_ras)
-        self.assertTrue(truths)
-        comparison = MiniGPTPancreasLogic().compare_with_ground_truth(ct, labels, {s: [b] for s, b in truths.items()})
-        self.assertAlmostEqual(comparison.mean_iou, 1.0)
-        run = add_box_rois(slicer.mrmlScene, model_view_geometry(ct), [PlacedBox(s, b) for s, b in truths.items()],
-                           label="truth", volume_node=ct, add_fused_roi=True)
-        self.assertEqual(len(run.rois), len(truths))
-        self.delayDisplay("Test passed")
-
-    def test_MiniGPTPancreas_AnalyzeSliceIfReady(self):
-        url = qt.QSettings().value(SERVER_URL_SETTING, DEFAULT_URL)
-        logic = MiniGPTPancreasLogic()
-        try:
-            logic.set_server(url)
-            health = logic.check_server()
-        except ClientError as error:
-            self.delayDisplay(f"Skipped: no MiniGPT-Pancreas server is ready at {url} ({error})")
-            return
-        if health.status != "ok":
-            self.delayDisplay(f"Skipped: the server at {url} is {health.status}")
-            return
-        phantom, ct, _labels = self._phantomNodes()
-        slices = sorted(truth_boxes(phantom.labels > 0, phantom.ijk_to_ras))
-        sliceIndex = slices[len(slices) // 2]
-        response = logic.analyze_slice(ct, sliceIndex, PRESETS[0].prompt)
-        self.assertEqual(response.slice_index, sliceIndex)
-        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")), len(response.boxes))
-        self.delayDisplay(describe_response(response, sliceIndex))
+        self.ui.statusLabel.text = _("Mean IoU {mean} over {count} slices; truth boxes in green.").format(
+            mean=mean, count=len(comparison.rows))

@@ -1,5 +1,6 @@
 """Ground truth in the Slicer module on REAL MRML nodes (the slicer-core wheel): truth masks and boxes from label
-maps and segmentations on the CT grid, the truth choices offered, and the per-slice IoU table.
+maps and segmentations on the CT grid, the truth choices offered, the per-slice IoU table, the IoU-by-slice plot and
+the truth boxes drawn in green.
 
 Expectations are computed independently of the module: truth boxes slice by slice with geometry.mask_box, IoU
 values by hand.
@@ -16,6 +17,7 @@ from slicer_fixtures import (ROTATE_90_AND_SHIFT, add_ct, expected_view, new_sce
 
 import slicer  # noqa: E402  (the slicer-core wheel)
 from MiniGPTPancreasLib import ground_truth, volume_geometry
+from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
 from SlicerMiniGPTPancreas.phantom import reorient
 
@@ -120,3 +122,21 @@ def test_iou_table_for_hand_made_predictions(ct_and_labels, phantom):
     assert table.GetValueByName(read["mean"], "IoU").ToDouble() == pytest.approx(want_mean)
     assert table.GetValueByName(read[str(missed_s)], "predicted box").ToString() == "none"
     assert table.GetValueByName(read[str(shifted_s)], "truth box").ToString() == f"({x0}, {y0}, {x1}, {y1})"
+    plot_table = scene_plot_table(comparison.plot_chart_node)
+    points = {int(plot_table.GetValue(r, 0).ToDouble()): plot_table.GetValue(r, 1).ToDouble()
+              for r in range(plot_table.GetNumberOfRows())}
+    assert points == {s: pytest.approx(value) for s, value in iou.items() if s != quiet_s}  # scored slices only
+    view = expected_view(phantom, ROTATE_90_AND_SHIFT)
+    green = {int(roi.GetAttribute("MiniGPTPancreas.slice")): roi for roi in comparison.truth_run.rois}
+    assert sorted(green) == sorted(s for s in predictions if s in truths)
+    for s, roi in green.items():
+        np.testing.assert_allclose(roi_world_center_and_size(roi)[0], view.box_to_ras(truths[s], s)[0], atol=1e-6)
+        assert roi.GetDisplayNode().GetColor() == pytest.approx((0.2, 0.8, 0.2))
+
+
+def scene_plot_table(chart):
+    """The vtkTable behind the chart's single plot series."""
+    (series_id,) = [chart.GetNthPlotSeriesNodeID(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    series = chart.GetScene().GetNodeByID(series_id)
+    assert (series.GetXColumnName(), series.GetYColumnName()) == ("slice", "IoU")
+    return series.GetTableNode().GetTable()

@@ -70,7 +70,7 @@ class LocalServer:
                  launch: Callable[[Sequence[str]], Any] = popen_launch) -> None:
         self.executable = executable or default_executable()
         self.model_dir = default_model_dir() if model_dir is None else model_dir
-        self._launch = launch
+        self.launch = launch  # Slicer: slicer.util.launchConsoleProcess (outside Slicer's own Python environment)
         self.process: Any = None
         self.command: list[str] = []
         self._log: queue.Queue[str] = queue.Queue()
@@ -89,7 +89,7 @@ class LocalServer:
             raise LocalServerError(f"{self.executable} does not exist. Set the server executable (the "
                                    f"`minigpt-pancreas` of the project's environment); the command is: {self.shown}")
         try:
-            self.process = self._launch(self.command)
+            self.process = self.launch(self.command)
         except OSError as error:
             raise LocalServerError(f"Cannot run {self.shown}: {error}. Install the backend (`make demo` in the "
                                    "project creates .venv) and set its `minigpt-pancreas` as the executable.") \

@@ -32,7 +32,7 @@ from .ground_truth import (SliceComparison, compare_boxes, mean_iou, truth_boxes
                            write_iou_plot)
 from .local_server import LocalServer
 from .prompts import PromptPreset, box_label_for_prompt, presets_from_info
-from .results import provenance, write_results_table
+from .results import ExportError, export_run, provenance, write_results_table
 from .volume_geometry import model_view, model_view_geometry, to_int16_hu, volume_array_and_matrix
 
 DEFAULT_POLL_INTERVAL_S = 0.5
@@ -86,6 +86,15 @@ class Comparison:
     truth_run: RoiRun | None = None  # the truth boxes, drawn in green
 
 
+@dataclass(frozen=True)
+class LastRun:
+    """The run a panel acts on next (threshold, export, ground truth): its nodes, answers and volume."""
+
+    run: RoiRun
+    responses: dict[int, p.QueryResponse]
+    volume_node: Any
+
+
 def predictions_of(responses: Mapping[int, p.QueryResponse]) -> dict[int, list[Box]]:
     """{slice: boxes} of answers; answers without boxes (nothing found, unreadable) give an empty list."""
     return {s: [box.box for box in response.boxes] for s, response in responses.items()}
@@ -108,6 +117,7 @@ class MiniGPTPancreasLogic:
         self.info: p.ModelInfo | None = None  # what the server said on connect()
         self.local_server = LocalServer()
         self.chat_session = ChatSession()
+        self.last_run: LastRun | None = None  # set by every add_*_boxes
 
     @property
     def client(self) -> MiniGPTPancreasClient:
@@ -253,9 +263,11 @@ class MiniGPTPancreasLogic:
         run.fused = self.set_threshold(scene, run, threshold)
         return run
 
-    def set_threshold(self, scene: Any, run: RoiRun, threshold: float) -> Any:
-        """Hide the run's boxes below `threshold` (not deleted) and refit its fused ROI; the fused ROI or None."""
-        return apply_threshold(scene, run.number, threshold, run.title.split(": ", 1)[-1])
+    def set_threshold(self, scene: Any, run: RoiRun | None, threshold: float) -> Any:
+        """Hide the run's (default: the last run's) boxes below `threshold` (not deleted) and refit its fused ROI;
+        the fused ROI or None."""
+        run = run or (self.last_run.run if self.last_run else None)
+        return apply_threshold(scene, run.number, threshold, run.title.split(": ", 1)[-1]) if run else None
 
     def sweep_volume(self, volume_node: Any, prompt: str, slice_range: tuple[int, int] | None = None,
                      progress_callback: Callable[[int, int], None] | None = None,
@@ -289,6 +301,22 @@ class MiniGPTPancreasLogic:
                                  label=f"ground truth ({truth_node.GetName()})", volume_node=volume_node, color=GREEN)
         return Comparison(rows, mean_iou(rows), table, chart, truth_run)
 
+    def compare_last_run(self, truth_node: Any, **selection: Any) -> Comparison:
+        """compare_with_ground_truth for the last run's boxes; ValueError saying what to do when it cannot."""
+        last = self.last_run
+        if last is None or last.volume_node is None or last.volume_node.GetScene() is None:
+            raise ValueError("There are no answers on a volume in the scene to compare; ask a question first.")
+        if not any(response.kind == "boxes" for response in last.responses.values()):
+            raise ValueError("The last answers have no boxes (a yes/no question?). Ask a box question first.")
+        return self.compare_with_ground_truth(last.volume_node, truth_node, predictions_of(last.responses),
+                                              **selection)
+
+    def export_last_run(self, folder: Any) -> tuple[Any, Any]:
+        """export_run for the last run: its .mrk.json and .csv paths."""
+        if self.last_run is None:
+            raise ExportError("There is no run to export yet; ask a question first.")
+        return export_run(self.last_run.volume_node.GetScene(), self.last_run.run.number, folder)
+
     # --- parameter node -----------------------------------------------------------------------------------------
 
     @staticmethod
@@ -305,6 +333,7 @@ class MiniGPTPancreasLogic:
         sh_node = subject_hierarchy(scene)
         if sh_node is not None and run.folder_item:
             move_under(sh_node, table, run.folder_item)
+        self.last_run = LastRun(run, dict(responses), volume_node)
         return run
 
     def _upload(self, request: SweepRequest) -> str:
