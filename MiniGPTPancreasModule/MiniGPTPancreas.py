@@ -11,7 +11,6 @@ import os
 import sys
 import traceback
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import qt
 import slicer
@@ -29,19 +28,18 @@ if not os.path.isdir(os.path.join(_MODULE_DIR, "SlicerMiniGPTPancreas")) and _CH
     sys.path.append(_CHECKOUT_DIR)  # run from a source checkout: the core package sits at the repository top level
 
 from MiniGPTPancreasLib.ground_truth import truth_choices  # noqa: E402
-from MiniGPTPancreasLib.local_server import LOOPBACK_HOSTS, default_executable, default_model_dir  # noqa: E402
 # MiniGPTPancreasLogic lives in the Lib so that it imports without the GUI; this module re-exports it.
+from MiniGPTPancreasLib.local_server import LocalServerError  # noqa: E402
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic  # noqa: E402
 from MiniGPTPancreasLib.results import results_table  # noqa: E402
-from MiniGPTPancreasLib.summaries import describe_info, describe_response, describe_sweep  # noqa: E402
+from MiniGPTPancreasLib.summaries import describe_response, describe_sweep  # noqa: E402
 from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_volume, model_view_geometry,  # noqa: E402
                                                 slice_center_ras)
 from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
-from MiniGPTPancreasLib.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
-from SlicerMiniGPTPancreas.client import DEFAULT_URL, ClientError  # noqa: E402
+from MiniGPTPancreasGui.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
+from MiniGPTPancreasGui.server_section import ServerSection  # noqa: E402
+from SlicerMiniGPTPancreas.client import ClientError  # noqa: E402
 
-SETTINGS = "MiniGPTPancreas/"  # + ServerUrl, ServerExecutable, ModelFolder, DontShowUploadWarning
-CUSTOM_PROMPT = ""  # the menu entry for a question typed by hand
 SERVE_COMMAND = "minigpt-pancreas serve --model <model folder> --port 8765"
 
 
@@ -84,7 +82,7 @@ class MiniGPTPancreasParameterNode:
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
 
 
-class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, ServerSection):
     """The panel: network calls run in a TaskRunner; a timer hands their results back to this (GUI) thread."""
 
     def __init__(self, parent=None):
@@ -94,6 +92,8 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._runner = TaskRunner()
+        self._timer = qt.QTimer()  # drains the runner while a task runs
+        self._logTimer = qt.QTimer()  # prints the local server's log
         self._truthChoices = []  # (title, truth_mask arguments) per entry of truthPartComboBox
 
     def setup(self):
@@ -103,23 +103,12 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MiniGPTPancreasLogic()
-        self.logic.local_server.launch = lambda args: slicer.util.launchConsoleProcess(args, useStartupEnvironment=True)
-        settings = qt.QSettings()
-        self.ui.serverUrlLineEdit.text = settings.value(SETTINGS + "ServerUrl", DEFAULT_URL)
-        self.ui.executableLineEdit.text = settings.value(SETTINGS + "ServerExecutable", default_executable())
-        self.ui.modelDirLineEdit.text = settings.value(SETTINGS + "ModelFolder", default_model_dir())
         self.ui.progressBar.hide()
-        self._fillPresets()
-        self._timer = qt.QTimer()
         self._timer.setInterval(DRAIN_INTERVAL_MS)
         self._timer.connect("timeout()", self._drainTask)
-        self._logTimer = qt.QTimer()  # the local server's output, to the Python console
-        self._logTimer.setInterval(500)
-        self._logTimer.connect("timeout()", self._printServerLog)
-
+        self._setupServerSection()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        slicer.app.connect("aboutToQuit()", self._stopLocalServer)
         for name, signal, slot in (
                 ("presetComboBox", "currentIndexChanged(int)", self.onPresetChanged),
                 ("promptLineEdit", "textEdited(QString)", self.onPromptEdited),
@@ -147,10 +136,10 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None:
             return
         self._runner.cancel()
+        self._timer.stop()
+        self._logTimer.stop()
         self._stopLocalServer()
         self.logic.client.close()
-        self._timer.stop()  # the timers exist: setup() creates them before anything that can fail later
-        self._logTimer.stop()
 
     def enter(self):
         self.initializeParameterNode()
@@ -212,34 +201,6 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.enabled = (not busy and self.logic.last_run is not None
                                          and self.ui.truthSelector.currentNode() is not None)
 
-    def _fillPresets(self):
-        """The questions the connected server offers, then the entry for a question of one's own."""
-        wasBlocked = self.ui.presetComboBox.blockSignals(True)
-        self.ui.presetComboBox.clear()
-        for preset in self.logic.presets:
-            self.ui.presetComboBox.addItem(preset.title, preset.prompt)
-        self.ui.presetComboBox.addItem(_("Your own question (type it below)"), CUSTOM_PROMPT)
-        self.ui.presetComboBox.blockSignals(wasBlocked)
-        if self._parameterNode and not self._parameterNode.prompt and self.logic.presets:
-            self._parameterNode.prompt = self.ui.promptLineEdit.text = self.logic.presets[0].prompt
-        self._selectPresetOf(self.ui.promptLineEdit.text)
-
-    def _selectPresetOf(self, prompt):
-        index = self.ui.presetComboBox.findData(prompt.strip())
-        wasBlocked = self.ui.presetComboBox.blockSignals(True)
-        self.ui.presetComboBox.currentIndex = index if index >= 0 else self.ui.presetComboBox.count - 1
-        self.ui.presetComboBox.blockSignals(wasBlocked)
-
-    def onPresetChanged(self, index):
-        prompt = self.ui.presetComboBox.itemData(index)
-        if prompt and self._parameterNode:
-            self._parameterNode.prompt = self.ui.promptLineEdit.text = prompt
-
-    def onPromptEdited(self, text):
-        if self._parameterNode:
-            self._parameterNode.prompt = text  # the line edit is not rewritten: the cursor stays where it is
-        self._selectPresetOf(text)
-
     def onVolumeChanged(self, volumeNode):
         try:
             slices = model_view_geometry(volumeNode).shape[0] if volumeNode else 1
@@ -267,60 +228,6 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setattr(self._parameterNode, field, self._currentSlice(self._parameterNode.inputVolume))
         except Exception as error:  # noqa: BLE001
             self._reportError(error)
-
-    # --- the server -----------------------------------------------------------------------------------------------
-
-    def _connectLogic(self):
-        """Point the logic at the URL and token of the panel; remember the URL (never the token)."""
-        self.logic.set_server(self.ui.serverUrlLineEdit.text, self.ui.tokenLineEdit.text or None)
-        self.ui.serverUrlLineEdit.text = self.logic.client.base_url
-        qt.QSettings().setValue(SETTINGS + "ServerUrl", self.logic.client.base_url)
-
-    def onStartServer(self):
-        try:
-            self._connectLogic()
-            server = self.logic.local_server
-            server.executable = self.ui.executableLineEdit.text.strip() or default_executable()
-            server.model_dir = self.ui.modelDirLineEdit.text.strip()
-            qt.QSettings().setValue(SETTINGS + "ServerExecutable", server.executable)
-            qt.QSettings().setValue(SETTINGS + "ModelFolder", server.model_dir)
-            self._logTimer.start()
-            self._start(lambda report, cancelled: self.logic.start_local_server(should_cancel=cancelled),
-                        lambda result: self._showInfo(result[1]), _("Starting: {command}").format(command=server.shown))
-        except Exception as error:  # noqa: BLE001
-            self._reportError(error)
-
-    def _stopLocalServer(self):
-        if self.logic is not None and self.logic.stop_local_server() is not None:
-            self.ui.modelLabel.text = _("The local server was stopped.")
-        self._printServerLog()
-        self._updateButtons()
-
-    def _printServerLog(self):
-        for line in self.logic.local_server.log_lines():
-            print(f"[minigpt-pancreas serve] {line}")
-
-    def onConnect(self):
-        try:
-            self._connectLogic()
-        except Exception as error:  # noqa: BLE001
-            self._reportError(error)
-            return
-        self._start(lambda report, cancelled: self.logic.connect(), self._showInfo,
-                    _("Contacting {url}...").format(url=self.logic.client.base_url))
-
-    def _showInfo(self, info):
-        self.ui.modelLabel.text = describe_info(info, self.logic.client.base_url)
-        self.ui.statusLabel.text = self.ui.modelLabel.text
-        self._fillPresets()
-
-    def _confirmUpload(self):
-        if urlsplit(self.logic.client.base_url).hostname in LOOPBACK_HOSTS:
-            return True
-        return slicer.util.confirmOkCancelDisplay(
-            _("The voxel values of the CT slices you ask about (no names, no DICOM tags) will be sent to {url}. "
-              "Continue?").format(url=self.logic.client.base_url),
-            windowTitle=_("MiniGPT-Pancreas"), dontShowAgainSettingsKey=SETTINGS + "DontShowUploadWarning")
 
     # --- running a question --------------------------------------------------------------------------------------
 
@@ -385,8 +292,12 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Jump the slice views to the slice of the clicked row (its first column)."""
         volume = self.logic.last_run.volume_node if self.logic.last_run else None
         text = self.ui.resultsTableView.model().data(self.ui.resultsTableView.model().index(index.row(), 0))
-        if volume is not None and str(text).isdigit():
-            center = slice_center_ras(model_view_geometry(volume), int(text))
+        try:
+            sliceIndex = int(float(text))
+        except (TypeError, ValueError):  # a header row
+            return
+        if volume is not None:
+            center = slice_center_ras(model_view_geometry(volume), sliceIndex)
             slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *center)
 
     def onExport(self):
@@ -450,7 +361,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _reportError(error):
-        if isinstance(error, (ClientError, ValueError, RuntimeError)):  # their messages say what to do
+        if isinstance(error, (ClientError, ValueError, LocalServerError)):  # their messages say what to do
             slicer.util.errorDisplay(str(error), windowTitle=_("MiniGPT-Pancreas"))
             return
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))

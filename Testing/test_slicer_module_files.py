@@ -24,7 +24,8 @@ QtWidgets = pytest.importorskip("PyQt5.QtWidgets")
 from PyQt5 import QtCore, uic  # noqa: E402
 
 UI_FILE = ROOT / "Resources" / "UI" / "MiniGPTPancreas.ui"
-WIDGET_SOURCE = (MODULE_DIR / "MiniGPTPancreas.py").read_text(encoding="utf-8")
+GUI_FILES = [MODULE_DIR / "MiniGPTPancreas.py", *sorted((MODULE_DIR / "MiniGPTPancreasGui").glob("*.py"))]
+WIDGET_SOURCE = "\n".join(path.read_text(encoding="utf-8") for path in GUI_FILES)
 
 
 class CppSignal:
@@ -173,12 +174,13 @@ def core_modules_imported_by(path: Path) -> set[str]:
 
 def test_cmake_installs_every_module_file_and_every_core_module_the_module_needs():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed_lib = set(re.findall(r"\$\{MODULE_NAME\}Lib/(\w+\.py)", cmake))
-    assert listed_lib == {path.name for path in (MODULE_DIR / "MiniGPTPancreasLib").glob("*.py")}
+    listed = set(re.findall(r"\$\{MODULE_NAME\}((?:Lib|Gui)/\w+\.py)", cmake))
+    packages = [*(MODULE_DIR / "MiniGPTPancreasLib").glob("*.py"), *(MODULE_DIR / "MiniGPTPancreasGui").glob("*.py")]
+    assert listed == {path.parent.name.removeprefix("MiniGPTPancreas") + "/" + path.name for path in packages}
     core_block = re.search(r"set\(CORE_MODULES\s+([^)]*)\)", cmake).group(1)
     listed_core = set(core_block.split())
     needed = {"__init__"}
-    pending = [MODULE_DIR / "MiniGPTPancreas.py", *(MODULE_DIR / "MiniGPTPancreasLib").glob("*.py")]
+    pending = [MODULE_DIR / "MiniGPTPancreas.py", *packages]
     while pending:
         for name in core_modules_imported_by(pending.pop()) - needed:
             needed.add(name)

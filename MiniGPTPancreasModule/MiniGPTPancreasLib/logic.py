@@ -151,12 +151,21 @@ class MiniGPTPancreasLogic:
 
     def start_local_server(self, timeout_s: float | None = None,
                            should_cancel: Callable[[], bool] = lambda: False) -> tuple[str, p.ModelInfo]:
-        """Any thread: reuse the server answering at the URL or start `local_server`, wait until it is ready,
-        connect. Returns (REUSED or STARTED, the server's info)."""
-        state = self.local_server.start(self._client)
+        """launch_local_server, then wait_for_server: (REUSED or STARTED, the server's info)."""
+        state = self.launch_local_server()
+        return state, self.wait_for_server(timeout_s, should_cancel)
+
+    def launch_local_server(self) -> str:
+        """Main thread (Slicer's launcher reads the application's environment): reuse the server answering at the
+        URL (REUSED) or start `local_server` there (STARTED); does not wait for its model."""
+        return self.local_server.start(self._client)
+
+    def wait_for_server(self, timeout_s: float | None = None,
+                        should_cancel: Callable[[], bool] = lambda: False) -> p.ModelInfo:
+        """Any thread: wait until the server's model is ready, then connect()."""
         options = {} if timeout_s is None else {"timeout_s": timeout_s}
         self.local_server.wait_ready(self._client, should_cancel=should_cancel, **options)
-        return state, self.connect()
+        return self.connect()
 
     def stop_local_server(self) -> int | None:
         """Stop the server this logic started (a reused one is left running); its exit code or None."""

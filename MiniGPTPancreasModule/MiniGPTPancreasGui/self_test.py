@@ -1,5 +1,4 @@
-"""The module's self-test (Slicer's "Reload and Test", and CTest through slicer_add_python_unittest): it needs the
-Slicer application (qt, slicer.mrmlScene, delayDisplay), unlike the rest of this package. MiniGPTPancreas.py
+"""The module's self-test (Slicer's "Reload and Test", and CTest through slicer_add_python_unittest). MiniGPTPancreas.py
 imports it, because Slicer looks the class up there as <ModuleName>Test.
 
 The geometry and ground-truth path always runs; a real question only when a server answers at the saved URL.
@@ -9,15 +8,14 @@ import qt
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
+from MiniGPTPancreasLib.boxes_to_markups import PlacedBox, add_box_rois
+from MiniGPTPancreasLib.ground_truth import truth_boxes
+from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
+from MiniGPTPancreasLib.summaries import describe_response
+from MiniGPTPancreasLib.volume_geometry import add_volume_node, model_view_geometry
 from SlicerMiniGPTPancreas.client import DEFAULT_URL, ClientError
 
-from .boxes_to_markups import PlacedBox, add_box_rois
-from .ground_truth import truth_boxes
-from .logic import MiniGPTPancreasLogic
-from .summaries import describe_response
-from .volume_geometry import add_volume_node, model_view_geometry
-
-SERVER_URL_SETTING = "MiniGPTPancreas/ServerUrl"
+from .server_section import SETTINGS
 
 
 class MiniGPTPancreasTest(ScriptedLoadableModuleTest):
@@ -54,7 +52,7 @@ class MiniGPTPancreasTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_MiniGPTPancreas_AnalyzeSliceIfReady(self):
-        url = qt.QSettings().value(SERVER_URL_SETTING, DEFAULT_URL)
+        url = qt.QSettings().value(SETTINGS + "ServerUrl", DEFAULT_URL)
         logic = MiniGPTPancreasLogic()
         try:
             logic.set_server(url)
