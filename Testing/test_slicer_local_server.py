@@ -18,6 +18,7 @@ from slicer_fixtures import ROOT, WAIT_S, add_ct, expected_view, new_scene, nois
 from MiniGPTPancreasLib import local_server
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
+from MiniGPTPancreasLib.summaries import describe_info
 from SlicerMiniGPTPancreas.client import ClientError
 
 START_S = 240.0  # importing torch and loading the demo model on a busy 2-core machine
@@ -54,6 +55,7 @@ def test_start_runs_serve_with_the_demo_model_and_reports_which_model_answers(de
     assert command[1:4] == ["serve", "--model", str(ROOT / "backend" / "demo_model" / "model")]
     assert command[-4:] == ["--host", "127.0.0.1", "--port", logic.client.base_url.rsplit(":", 1)[1]]
     assert info.synthetic and info.model_id.startswith("minigpt-pancreas-demo")
+    assert "synthetic CT only: not for patients" in describe_info(info, logic.client.base_url)
     assert any("ready" in line for line in logic.local_server.log_lines())  # the child's log reaches the panel
 
 

@@ -102,6 +102,25 @@ def test_every_run_records_its_provenance_and_yes_no_answers(scene, phantom):
     assert sh_node.GetItemParent(sh_node.GetItemByDataNode(results_table(scene, run.number))) == run.folder_item
 
 
+def test_the_last_run_is_what_threshold_export_and_ground_truth_act_on(scene, phantom, tmp_path):
+    node = add_ct(scene, phantom)
+    labels = add_volume_node(scene, phantom.labels, phantom.ijk_to_ras, "labels", "vtkMRMLLabelMapVolumeNode")
+    logic = MiniGPTPancreasLogic()
+    with pytest.raises(ValueError, match="ask a question first"):
+        logic.compare_last_run(labels)
+    with pytest.raises(ExportError, match="no run to export"):
+        logic.export_last_run(tmp_path)
+    request = logic.prepare_slice(node, 12)
+    logic.add_slice_boxes(request, p.QueryResponse("No", "yes_no", "m", yes=False, slice_index=12), TC_PROMPT,
+                          scene, node)
+    with pytest.raises(ValueError, match="no boxes"):
+        logic.compare_last_run(labels)
+    run = logic.add_sweep_boxes(logic.prepare_sweep(node, (10, 30)), crafted_sweep(), REFER, scene, node)
+    assert logic.set_threshold(scene, None, 0.5).GetAttribute("MiniGPTPancreas.fusedSlices") == "10-13"
+    assert logic.export_last_run(tmp_path)[0].name == f"minigpt_pancreas_run_{run.number}.mrk.json"
+    assert [row.slice_index for row in logic.compare_last_run(labels).rows] == list(range(10, 31))
+
+
 def test_run_numbers_never_repeat_even_after_a_run_is_deleted(scene, phantom):
     node = add_ct(scene, phantom)
     logic = MiniGPTPancreasLogic()
