@@ -210,8 +210,9 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
             spinBox.maximum = slices - 1
         if self._parameterNode and (self._parameterNode.lastSlice == 0 or self._parameterNode.lastSlice >= slices):
             self._parameterNode.lastSlice = slices - 1
-        if volumeNode is not None:  # the Red view shows the volume asked about, so "the current slice" is its slice
-            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        red = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceCompositeNodeRed")
+        if volumeNode is not None and red is not None and red.GetBackgroundVolumeID() != volumeNode.GetID():
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)  # "the current slice" is of this CT
 
     def onWholeVolume(self):
         self._parameterNode.firstSlice = 0
