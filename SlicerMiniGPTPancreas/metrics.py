@@ -68,6 +68,8 @@ class DetectionReport:
     accuracy: float | None = None
     precision: float | None = None
     recall: float | None = None
+    specificity: float | None = None  # TN / (TN + FP): empty slices called empty
+    npv: float | None = None  # TN / (TN + FN): "nothing there" answers that are right
     f1: float | None = None
     samples: list[SampleScore] = field(default_factory=list, repr=False)
 
@@ -88,7 +90,8 @@ class DetectionReport:
         if self.balanced:
             lines.append(f"  balanced: TP {self.tp} TN {self.tn} FP {self.fp} FN {self.fn}; accuracy "
                          f"{100 * self.accuracy:.2f}%, precision {100 * self.precision:.2f}%, "
-                         f"recall {100 * self.recall:.2f}%, F1 {100 * self.f1:.2f}%")
+                         f"recall {100 * self.recall:.2f}%, specificity {100 * self.specificity:.2f}%, "
+                         f"NPV {100 * self.npv:.2f}%, F1 {100 * self.f1:.2f}%")
         return "\n".join(lines)
 
 
@@ -161,6 +164,8 @@ def _summarise(samples: list[SampleScore], variant: Variant, balanced: bool,
         report.tp, report.tn, report.fp, report.fn = counts["tp"], counts["tn"], counts["fp"], counts["fn"]
         report.accuracy = _ratio(counts["tp"] + counts["tn"], sum(counts.values()))
         report.precision, report.recall = precision, recall
+        report.specificity = _ratio(counts["tn"], counts["tn"] + counts["fp"])
+        report.npv = _ratio(counts["tn"], counts["tn"] + counts["fn"])
         report.f1 = _ratio(2 * precision * recall, precision + recall)
     return report
 
@@ -194,7 +199,7 @@ class CombinedReport:
 
 
 _COMBINED = ("mean_iou", "mean_dice", "hit_rate", "detection_accuracy", "parse_failure_rate")
-_COMBINED_BALANCED = ("accuracy", "precision", "recall", "f1")
+_COMBINED_BALANCED = ("accuracy", "precision", "recall", "specificity", "npv", "f1")
 
 
 def combine_weighted(reports: Sequence[DetectionReport]) -> CombinedReport:

@@ -18,6 +18,7 @@ from PIL import Image
 
 import backend
 from backend.engine import InferenceEngine
+from backend.cascade_sweep import TUMOUR_QUESTION
 from backend.prompts import TC_EVAL_PROMPT
 from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas.grammar import render_box
@@ -130,6 +131,11 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
                 assert record["prompt"] == f"[refer] give me the location of the {entry['phrase']}"
         assert {e.get("phrase") for e in entries} == ({None} if task == "tumor_classification" else
                                                      {"pancreatic tumor"} if "tumor" in task else {"pancreas"})
+    # the yes/no set is asked once more with a training prompt, the one upstream's prompt never was
+    twin = saved(out, "tumor_classification@training_prompt")
+    assert sorted(r["q_id"] for r in twin) == sorted(e["q_id"] for e in entries_of(prepared, "tumor_classification"))
+    assert {r["prompt"] for r in twin} == {TUMOUR_QUESTION} and TUMOUR_QUESTION != TC_EVAL_PROMPT
+    assert all(0.0 < r["yes_probability"] < 1.0 for r in twin)
 
     # The saved answers are the engine's answers on those PNGs (same batch of 3, same settings).
     entries = entries_of(prepared, "pancreas_detection_msd")[:3]
@@ -138,7 +144,8 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
     assert [r.answer for r in direct] == [r["answer"] for r in saved(out, "pancreas_detection_msd")[:3]]
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["tasks"]) == set(TASKS)
+    assert set(metrics["tasks"]) == {*TASKS, "tumor_classification@training_prompt"}
+    assert metrics["tasks"]["tumor_classification@training_prompt"]["baseline"]["answer"] in ("yes", "no")
     plain, balanced = metrics["tasks"]["pancreas_detection_msd"], metrics["tasks"]["tumor_detection_balanced_msd"]
     assert set(plain["variants"]) == {"E1", "E2", "E3", "STRICT"}
     n_plain = len(entries_of(prepared, "pancreas_detection_msd"))
@@ -146,7 +153,8 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
     assert "skipped" in balanced["variants"]["E1"]
     assert all(balanced["variants"][v]["tp"] is not None for v in ("E2", "E3", "STRICT"))
     tc = metrics["tasks"]["tumor_classification"]
-    assert set(tc["rules"]) == {"upstream", "strict"} and tc["auc"]["n"] == 4
+    assert set(tc["rules"]) == {"upstream", "strict"}
+    assert tc["auc"]["n"] == len(entries_of(prepared, "tumor_classification"))
     assert metrics["run"]["model_id"].startswith("sha256:")
     tables = (out / "tables.md").read_text(encoding="utf-8")
     for label in ("IoU E1", "IoU E3", "IoU STRICT", "det. acc. E2", "failures STRICT", "AUC of P(yes)"):
@@ -154,7 +162,9 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
     assert "scored against the tumour box" in tables
     rows = (out / "tables.csv").read_text().splitlines()
     assert rows[0].startswith("section,task,dataset,subset,variant")
-    assert len(rows) == 1 + 4 * (4 + 1) + 2 + 1  # 4 detection tasks x (4 variants + fixed box), 2 rules + majority
+    # 4 detection tasks x (4 variants + fixed box); 2 yes/no prompts x (2 rules + majority)
+    assert len(rows) == 1 + 4 * (4 + 1) + 2 * (2 + 1)
+    assert "| tumor_classification@training_prompt | MSD | strict |" in tables
     assert all("mean_iou" in metrics["tasks"][task]["baseline"] for task in TASKS if task != "tumor_classification")
     assert metrics["tasks"]["tumor_classification"]["baseline"]["answer"] in ("yes", "no")
     assert metrics["figures"]["examples"] and all((out / path).is_file() for path in metrics["figures"]["examples"])

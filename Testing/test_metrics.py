@@ -168,6 +168,7 @@ def test_balanced_upstream_skips_failed_answers(variant):
     # accuracy (1+1)/4; precision 1/(1+1); recall 1/(1+1); F1 0.5. IoU over the one TP: 1.0.
     assert (report.tp, report.tn, report.fp, report.fn) == (1, 1, 1, 1)
     assert (report.accuracy, report.precision, report.recall, report.f1) == pytest.approx((0.5, 0.5, 0.5, 0.5))
+    assert (report.specificity, report.npv) == pytest.approx((0.5, 0.5))  # TN 1 / (TN 1 + FP 1); 1 / (1 + FN 1)
     assert (report.mean_iou, report.n_scored, report.hits) == (pytest.approx(1.0), 1, 1)
     assert report.detection_accuracy == pytest.approx(1 / 6)  # hits / all samples, as upstream
     assert report.parse_failure_rate == pytest.approx(2 / 6)
@@ -179,6 +180,8 @@ def test_balanced_strict_counts_failed_answers_as_wrong():
     assert [s.outcome for s in report.samples] == ["TP", "TN", "FP", "FN", "FP", "FN"]
     # accuracy 2/6; precision 1/(1+2); recall 1/(1+2); F1 1/3.
     assert (report.accuracy, report.precision, report.recall, report.f1) == pytest.approx((1 / 3,) * 4)
+    # specificity TN 1 / (TN 1 + FP 2) = 1/3; NPV TN 1 / (TN 1 + FN 2) = 1/3
+    assert (report.specificity, report.npv) == pytest.approx((1 / 3, 1 / 3))
     # IoU over the three slices where the organ is present: TP 0.95152, FN 0, missing 0.
     assert report.n_scored == 3 and report.mean_iou == pytest.approx(IOU_A_STRICT / 3)
     assert report.hit_rate == pytest.approx(1 / 3)

@@ -10,7 +10,9 @@ The output folder (`--out`) holds:
     iou_histograms.png, heatmaps.png, examples/   the figures (`evaluate_figures`)
 
 Prompts are upstream's evaluation prompts (docs/upstream.md 6.1, 6.3): "[refer] give me the location of the
-{phrase}" for detection entries (they carry a `phrase`), the fixed `TC_EVAL_PROMPT` for yes/no entries. The
+{phrase}" for detection entries (they carry a `phrase`), the fixed `TC_EVAL_PROMPT` for yes/no entries. That
+one prompt was never trained on, so every yes/no task is also asked, and reported as `<task>@training_prompt`,
+with one of the training prompts (the one the cascade validates with). The
 yes/no probability comes from the same answer's first-token logits. Scoring (`evaluate_scoring`) reads only the
 saved answers, so `rescore` compares protocols without the model.
 """
@@ -35,6 +37,7 @@ DEFAULT_EXAMPLES = 6  # example overlays per detection task
 _SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts")
 _DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
 _YES_NO_KEYS = ("q_id", "image", "answer")
+TRAINING_PROMPT_SUFFIX = "@training_prompt"  # a yes/no task asked with a training prompt
 
 Progress = Callable[[str, int, int], None]  # (task, entries answered so far, entries of the task)
 
@@ -51,18 +54,41 @@ class TaskSet:
     kind: str  # "detection" (entries carry phrase + bbox) or "yes_no"
     entries: list[dict[str, Any]]
 
+    @property
+    def source(self) -> str:
+        """The prepared task whose files hold the entries."""
+        return self.name.removesuffix(TRAINING_PROMPT_SUFFIX)
+
 
 def prompts_used() -> dict[str, str]:
-    """Upstream's fixed evaluation prompts (the refer one is formatted with each entry's phrase)."""
+    """Upstream's fixed evaluation prompts (the refer one is formatted with each entry's phrase), and the
+    training prompt yes/no tasks are asked with too."""
     from backend import prompts
+    from backend.cascade_sweep import TUMOUR_QUESTION
 
-    return {"refer": prompts.REFER_EVAL_TEMPLATE, "yes_no": prompts.TC_EVAL_PROMPT}
+    return {"refer": prompts.REFER_EVAL_TEMPLATE, "yes_no": prompts.TC_EVAL_PROMPT,
+            "yes_no_training": TUMOUR_QUESTION}
 
 
 def entry_prompt(task: TaskSet, entry: dict[str, Any]) -> str:
     """The question asked about one entry."""
     templates = prompts_used()
-    return templates["refer"].format(entry["phrase"]) if task.kind == "detection" else templates["yes_no"]
+    if task.kind == "detection":
+        return templates["refer"].format(entry["phrase"])
+    return templates["yes_no_training"] if task.name != task.source else templates["yes_no"]
+
+
+def with_training_prompts(tasks: list[TaskSet]) -> list[TaskSet]:
+    """`tasks`, each yes/no task followed by itself asked with the training prompt (once)."""
+    names = {task.name for task in tasks}
+    extended = []
+    for task in tasks:
+        extended.append(task)
+        twin = task.source + TRAINING_PROMPT_SUFFIX
+        if task.kind == "yes_no" and twin not in names:
+            extended.append(TaskSet(twin, task.kind, task.entries))
+            names.add(twin)
+    return extended
 
 
 # ------------------------------------------------------------------------------------------------ task sets
@@ -82,8 +108,8 @@ def _is_empty_list(path: Path) -> bool:
 
 def load_task(prepared: Path, task: str, limit: int | None = None, split: str = "test") -> TaskSet:
     """Read and check `prepared/tasks/<task>_<split>.json` (the test split unless the cascade validates on
-    "val"); keep its first `limit` entries when given."""
-    path = Path(prepared) / "tasks" / f"{task}_{split}.json"
+    "val"); keep its first `limit` entries when given. `<task>@training_prompt` reads `<task>`'s file."""
+    path = Path(prepared) / "tasks" / f"{task.removesuffix(TRAINING_PROMPT_SUFFIX)}_{split}.json"
     if not path.is_file():
         known = ", ".join(available_tasks(prepared)) or "none"
         raise EvaluateError(f"no {split} set for task {task!r}: {path} is missing. Tasks in {prepared}: {known}."
@@ -276,7 +302,7 @@ def evaluate(engine, prepared: Path, out: Path, settings: dict[str, Any], tasks:
     """Answer the test sets of `tasks` with `engine` (resuming), then score and write the reports and figures
     (`examples` overlays per detection task); return the metrics. settings: `run_settings(...)`; its
     max_new_tokens / constrain_boxes drive the engine."""
-    task_sets = resolve_tasks(prepared, tasks, limit, check_images=True)
+    task_sets = with_training_prompts(resolve_tasks(prepared, tasks, limit, check_images=True))
     start_run(out, settings, force)
     for task in task_sets:
         predict_task(engine, prepared, out, task, max_new_tokens=settings["max_new_tokens"],

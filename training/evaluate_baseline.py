@@ -41,7 +41,7 @@ def add_baselines(metrics: dict[str, Any], prepared: Path, tasks: list[TaskSet])
         result = metrics["tasks"][task.name]
         label = BOX_LABEL if task.kind == "detection" else MAJORITY_LABEL
         try:
-            train = _train_entries(prepared, task.name)
+            train = _train_entries(prepared, task.source)
             if task.kind == "detection":
                 result["baseline"] = {"label": label, **fixed_box_baseline(task, train, result.get("organs"))}
             else:

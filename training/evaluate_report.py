@@ -129,15 +129,16 @@ def _balanced_table(rows: list[DetectionRow]) -> list[str]:
     if not balanced:
         return []
     lines = ["### Balanced sets: is the structure on the slice? (present = positive)", "",
-             "| task | dataset | variant | TP | TN | FP | FN | accuracy | precision | recall | F1 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| task | dataset | variant | TP | TN | FP | FN | accuracy | precision | recall | specificity | NPV "
+             "| F1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in balanced:
         for variant in VARIANT_NAMES:
             values = row.variants.get(variant, {})
             if "skipped" not in values:
                 lines.append(f"| {row.label} | {row.dataset} | {variant} | " + " | ".join(
                     _number(values.get(key)) for key in ("tp", "tn", "fp", "fn", "accuracy", "precision", "recall",
-                                                         "f1")) + " |")
+                                                         "specificity", "npv", "f1")) + " |")
     return lines + [""]
 
 
@@ -160,7 +161,9 @@ def _yes_no_table(metrics: dict[str, Any]) -> list[str]:
                     "ignored, an answer that is neither yes nor no counts as wrong. The AUC ranks the yes "
                     "probability of the first answer token and does not depend on the rule. The "
                     f"{MAJORITY_LABEL} gives its answer to every test entry (accuracy and balanced accuracy only; "
-                    "a tie answers 'no').", ""]
+                    "a tie answers 'no'). A task named `<task>@training_prompt` is the same test set asked with "
+                    "one of the prompts the model was trained with, instead of upstream's evaluation prompt, which "
+                    "no training set uses.", ""]
 
 
 def render_csv(metrics: dict[str, Any]) -> str:
