@@ -42,7 +42,8 @@ def test_p_yes_sums_every_single_token_spelling_of_yes_and_of_no(rich_tokenizer)
     # the model says "Yes" (capitalised) with 0.5 and "▁no" with 0.2: P(yes) = (0.1 + 0.4) / (0.1 + 0.4 + 0.2),
     # where reading "▁yes" against "▁no" alone gave 0.1 / 0.3 = 0.33: a yes read as a no
     # (the rest on "▁", which starts neither word)
-    logits = _logits(rich_tokenizer, {"\u2581yes": 0.1, "\u2581Yes": 0.3, "Yes": 0.1, "\u2581no": 0.2, "\u2581": 0.2999})
+    logits = _logits(rich_tokenizer, {"\u2581yes": 0.1, "\u2581Yes": 0.3, "Yes": 0.1, "\u2581no": 0.2,
+                                      "\u2581": 0.2999})
     assert yes_probability(logits, yes_ids, no_ids) == pytest.approx(0.5 / 0.7, abs=1e-4)
 
 

@@ -151,7 +151,8 @@ def test_box_confidence_is_the_geometric_mean_of_the_generated_number_tokens(mod
     for row, result in enumerate(results):
         ids, logprobs = generation.token_ids[row], generation.token_logprobs[row]
         assert ids[-1] == model.tokenizer.eos_id  # the answer is exactly one box, then EOS
-        numbers = [lp for lp, piece in zip(logprobs, pieces_of(model.tokenizer, ids[:-1])) if piece.strip("▁").isdigit()]
+        pieces = pieces_of(model.tokenizer, ids[:-1])
+        numbers = [lp for lp, piece in zip(logprobs, pieces) if piece.strip("▁").isdigit()]
         assert len(numbers) >= 4  # split digits: one piece per digit, not the braces or brackets
         expected = math.exp(sum(numbers) / len(numbers))
         assert result.boxes[0].confidence == pytest.approx(expected, rel=1e-5)
