@@ -9,8 +9,11 @@ precision (peft's `autocast_adapter_dtype`), as upstream's are.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,30 +88,122 @@ def load_llm(
     """Load the LLaMA weights (every tensor must be present and well-shaped), freeze them and add LoRA.
 
     Returns a peft `PeftModelForCausalLM` on `device`; the LoRA matrices hold peft's fresh initialisation
-    until the caller copies checkpoint tensors into them.
+    until the caller copies checkpoint tensors into them. Without quantization the weights are streamed one tensor
+    at a time (`_streamed_llama`), so a 13 GB float16 folder loads into bfloat16 without holding a second copy.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
     folder = Path(llama_dir)
-    read_llama_config(folder)
-    llama_weight_files(folder)
-    # Mis-shaped tensors are collected (not raised one by one) so that all of them can be listed.
-    kwargs: dict = dict(dtype=dtype, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
-                        attn_implementation=attn_implementation)
-    if quantization is not None:
-        kwargs["quantization_config"] = _quantization_config(quantization, dtype, device)
-        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    config = read_llama_config(folder)
+    files = llama_weight_files(folder)
+    if quantization is None:
+        llm = _streamed_llama(config, files, dtype, attn_implementation).to(device)
+    else:
+        llm = _quantized_llama(folder, dtype, device, quantization, attn_implementation)
+    llm.requires_grad_(False)
+    lora_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft calls a transformers method that 5.x deprecates; not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+        return get_peft_model(llm, lora_config)
+
+
+def _streamed_llama(config, files: list[Path], dtype: torch.dtype, attn_implementation: str):
+    """`LlamaForCausalLM` built without weights, then filled tensor by tensor from the files, each cast to `dtype`
+    as it arrives: peak memory is the loaded model plus one tensor. Extra tensors (4.30's `rotary_emb.inv_freq`)
+    are ignored, as `from_pretrained` ignores them."""
+    from transformers import LlamaForCausalLM
+
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(config)
+    expected = dict(llm.state_dict())
+    seen: set[str] = set()
+    mismatched = []
+    for file in (file for file in files if file.suffix != ".json"):  # the shard index only names the shards
+        for name, tensor in _file_tensors(file):
+            target = expected.get(name)
+            if target is None:
+                continue
+            if tuple(tensor.shape) != tuple(target.shape):
+                mismatched.append((name, tuple(tensor.shape), tuple(target.shape)))
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            module = llm.get_submodule(module_name)
+            module._parameters[leaf] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+            seen.add(name)
+    _refuse_llama_problems(files[0].parent, sorted(set(expected) - seen), mismatched)
+    # Non-persistent buffers (the rotary frequencies) are computed, not loaded: rebuild them off the meta device.
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(config=config)
+    return llm.eval()
+
+
+def _file_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one weight file, one at a time. safetensors are read with plain reads (an mmap would count
+    the whole file in the process's memory while it loads); legacy `.bin` files are memory-mapped when their
+    format allows it (zip files, torch >= 1.6)."""
     try:
-        llm, info = LlamaForCausalLM.from_pretrained(folder, **kwargs)
+        if file.suffix == ".safetensors":
+            yield from _safetensors_tensors(file)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)).items()
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"cannot read the LLaMA weight file {file}: {str(error).splitlines()[0] if str(error) else error!r}. "
+            "It is damaged or incomplete; download the folder again."
+        ) from error
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _safetensors_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The safetensors layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data."""
+    with open(file, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_length))
+        base = 8 + header_length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            data = bytearray(end - begin)
+            handle.seek(base + begin)
+            if handle.readinto(data) != len(data):
+                raise ValueError(f"{name} is cut short (the file ends early)")
+            tensor = torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]) if data else torch.empty(0)
+            yield name, tensor.reshape(entry["shape"])
+
+
+def _quantized_llama(folder: Path, dtype: torch.dtype, device: torch.device, quantization: str,
+                     attn_implementation: str):
+    """8-bit / 4-bit weights need bitsandbytes' own loading, through `from_pretrained`."""
+    from transformers import LlamaForCausalLM
+
+    quantization_config = _quantization_config(quantization, dtype, device)
+    # Mis-shaped tensors are collected (not raised one by one) so that all of them can be listed.
+    try:
+        llm, info = LlamaForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            attn_implementation=attn_implementation, quantization_config=quantization_config,
+            device_map={"": device.index if device.index is not None else torch.cuda.current_device()})
     except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(
             f"cannot load the LLaMA weights from {folder}: {str(error).splitlines()[0]} "
             "The folder's weight files do not match its config.json or are damaged; download the folder again."
         ) from error
-    problems = [f"  missing    {name}" for name in sorted(info.get("missing_keys", ()))]
+    _refuse_llama_problems(folder, sorted(info.get("missing_keys", ())),
+                           [(name, found, wanted) for name, found, wanted in info.get("mismatched_keys", ())])
+    return llm
+
+
+def _refuse_llama_problems(folder: Path, missing: list[str], mismatched: list[tuple]) -> None:
+    problems = [f"  missing    {name}" for name in missing]
     problems += [f"  mis-shaped {name}  (config.json needs {list(wanted)}, file has {list(found)})"
-                 for name, found, wanted in sorted(info.get("mismatched_keys", ()))]
+                 for name, found, wanted in sorted(mismatched)]
     if problems:
         listing = "\n".join(problems)
         raise CheckpointError(
@@ -116,14 +211,6 @@ def load_llm(
             f"mis-shaped:\n{listing}\nDownload the complete folder again (all weight shards and the matching "
             "config.json)."
         )
-    if quantization is None:
-        llm.to(device)
-    llm.requires_grad_(False)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft calls a transformers method that 5.x deprecates; not the user's concern
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
-        return get_peft_model(llm, config)
 
 
 def _quantization_config(mode: str, dtype: torch.dtype, device: torch.device):
