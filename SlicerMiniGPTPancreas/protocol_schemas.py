@@ -234,7 +234,8 @@ class ChatMessage(Schema):
 class ChatRequest(Schema):
     """A conversation about one slice: turns alternate user/assistant, starting and ending with the user."""
 
-    messages: tuple[ChatMessage, ...] = field(metadata={"schema": ChatMessage, "many": True})
+    messages: tuple[ChatMessage, ...] = field(metadata={"schema": ChatMessage, "many": True,
+                                                        "max_len": MAX_CHAT_MESSAGES})
     slice_hu: np.ndarray = field(metadata={"slice": True})
     pixel_spacing_mm: tuple[float, float]
     options: AnswerOptions = field(default_factory=lambda: AnswerOptions(max_new_tokens=300),

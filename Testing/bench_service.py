@@ -89,22 +89,23 @@ def hostile() -> None:
             response = requests.request(method, url, headers=headers, data=body, timeout=60)
             if response.status_code >= 500:
                 failures.append(f"{name}: {response.status_code}")
-            if len(response.text) > 1000:
+            if len(response.text) > 1000 or "ErrorResponse" in response.text:  # too long, or about the envelope
                 long_messages.append(f"{name}: {len(response.text)} characters")
             print(f"  {name}: {response.status_code} {response.text[:160]}")
         total = len(_hostile_requests(server.url))
-    print(f"hostile: {len(failures)} of {total} inputs got a 5xx {failures}; {len(long_messages)} error bodies over "
-          f"1000 characters {long_messages}")
+    print(f"hostile: {len(failures)} of {total} inputs got a 5xx {failures}; {len(long_messages)} answers over 1000 "
+          f"characters or about the error envelope instead of the input {long_messages}")
 
 
-def sigterm(clients: int = 16) -> None:
+def sigterm(clients: int = 48) -> None:
+    """More chat turns at once than the model answers within the grace period."""
     with ServeProcess("--max-queue", str(clients)) as server:
-        body = p.SliceQueryRequest(REFER, _slice(2048), (1.0, 1.0),
-                                   options=p.AnswerOptions(max_new_tokens=p.MAX_NEW_TOKENS_LIMIT)).to_dict()
+        body = p.ChatRequest((p.ChatMessage("user", "describe this slice"),), _slice(64), (1.0, 1.0),
+                             options=p.AnswerOptions(max_new_tokens=p.MAX_NEW_TOKENS_LIMIT, temperature=1.0)).to_dict()
 
         def ask(_: int) -> str:
             try:
-                return str(requests.post(server.url + p.ROUTE_QUERY, json=body, timeout=120).status_code)
+                return str(requests.post(server.url + p.ROUTE_CHAT, json=body, timeout=120).status_code)
             except requests.RequestException as error:
                 return f"dropped ({type(error).__name__})"
 
@@ -112,14 +113,14 @@ def sigterm(clients: int = 16) -> None:
             answers = pool.map(ask, range(clients))
             while not requests.get(server.url + p.ROUTE_HEALTH, timeout=10).json()["busy"]:
                 time.sleep(0.05)
-            time.sleep(1.0)  # let every query reach the queue
+            time.sleep(1.0)  # let every request reach the queue
             started = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(120)
             exit_s = time.monotonic() - started
             answers = list(answers)
     dropped = sum(answer.startswith("dropped") for answer in answers)
-    print(f"sigterm: {clients} queries in flight; {dropped} dropped without an HTTP answer; answers "
+    print(f"sigterm: {clients} chat turns in flight; {dropped} dropped without an HTTP answer; answers "
           f"{sorted(set(answers))}; the process exited {exit_s:.1f} s after SIGTERM (grace 5 s)")
 
 

@@ -8,16 +8,16 @@ closes while the client is still sending makes the client see a connection reset
 Memory is committed only after what can be checked without the body was: a volume upload's shape comes from the
 query string, so its size, the server's capacity and the Content-Length are checked first and the bytes then land
 in one array of exactly that size; a query's queue room is checked before its body is read (routes); and at most
-`BodySlots.limit` JSON bodies are read or parsed at once, the rest answered 503.
+`BodySlots.limit` JSON bodies are read or parsed at once, the rest wait unread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from SlicerMiniGPTPancreas import protocol as p
 
-from .errors import ApiError, busy
+from .errors import ApiError
 
 DRAIN_LIMIT_BYTES = 64 << 20
 # A slice query carries the largest slice as base64, plus the prompt and options; a chat adds its messages.
@@ -44,24 +44,17 @@ def _declared_length(request: Request) -> int | None:
 
 
 class BodySlots:
-    """At most `limit` JSON bodies read or parsed at once (each may take tens of MiB); beyond it 503 at once."""
+    """At most `limit` JSON bodies read or parsed at once (each may take tens of MiB); the others wait their turn
+    before a byte of theirs is read (TCP flow control then holds the client back at no cost to the server)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._used = 0
-        self._lock = threading.Lock()
+        self._semaphore = asyncio.Semaphore(limit)
 
-    @contextmanager
-    def take(self) -> Iterator[None]:
-        with self._lock:
-            if self._used >= self.limit:
-                raise busy(f"the server is already reading {self.limit} request bodies; try again in a moment", 1)
-            self._used += 1
-        try:
+    @asynccontextmanager
+    async def take(self) -> AsyncIterator[None]:
+        async with self._semaphore:
             yield
-        finally:
-            with self._lock:
-                self._used -= 1
 
 
 async def drain(request: Request) -> None:
@@ -128,10 +121,10 @@ def require_content_type(request: Request, expected: str) -> None:
 
 async def read_message(request: Request, schema: type[p.SchemaT], slots: BodySlots,
                        limit: int = MAX_JSON_BYTES) -> p.SchemaT:
-    """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid,
-    503 when `slots` are all taken."""
+    """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid; read
+    when one of `slots` is free."""
     require_content_type(request, "application/json")
-    with slots.take():
+    async with slots.take():
         body = await read_body(request, limit)
         # Decoding a slice of up to 4096 x 4096 takes a while: keep it off the event loop (health stays quick).
         return await run_in_threadpool(parse_message, bytes(body), schema)

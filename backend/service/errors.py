@@ -106,7 +106,7 @@ class LastResort:
 
 
 def _from_http_exception(request: Request, error: StarletteHTTPException) -> ApiError:
-    what = f"{request.method} {request.url.path}"
+    what = f"{request.method} {p.excerpt(request.url.path)}"
     if error.status_code == 404:
         # Not "not_found": that code means an unknown volume or job id; an unknown route is a wrong URL or an older
         # server, and the client tells those apart by the code.

@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 from SlicerMiniGPTPancreas import protocol as p
 
 from .answers import chat_response, query_response
-from .bodies import MAX_SMALL_JSON_BYTES, check_declared_length, read_exactly, read_message, require_content_type
+from .bodies import (
+    MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
+)
 from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
 from .options import check_greedy, check_prompt, check_temperature
@@ -104,7 +106,12 @@ async def upload_volume(request: Request) -> JSONResponse:
     require_content_type(request, "application/octet-stream")
     shape, spacing, n_bytes = p.parse_volume_params(request.query_params)  # ProtocolError -> 422
     await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
-    with service.volumes.reserve(n_bytes):
+    try:
+        reservation = service.volumes.reserve(n_bytes)
+    except ApiError:
+        await drain(request)  # so that the client hears why instead of a connection reset
+        raise
+    with reservation:
         body = await read_exactly(request, n_bytes)
         array = body.view("<i2").astype(np.int16, copy=False).reshape(shape)
         array.flags.writeable = False

@@ -14,8 +14,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,20 @@ class StoredVolume:
         return int(self.array.nbytes)
 
 
+@dataclass
+class Reservation:
+    """Bytes an upload in progress holds in a VolumeStore; given back when its `with` block ends."""
+
+    store: VolumeStore
+    n_bytes: int
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.store.release(self.n_bytes)
+
+
 class VolumeStore:
     """Thread-safe map volume_id -> StoredVolume with a total byte cap and an idle time-to-live."""
 
@@ -47,10 +60,9 @@ class VolumeStore:
         self._reserved = 0  # bytes of uploads in progress
         self._lock = threading.Lock()
 
-    @contextmanager
-    def reserve(self, n_bytes: int) -> Iterator[None]:
+    def reserve(self, n_bytes: int) -> Reservation:
         """Room for an upload of `n_bytes` while it is read and stored: 413 above the capacity, 503 while other
-        uploads in progress hold the room it needs. `add` the volume inside the block."""
+        uploads in progress hold the room it needs. `add` the volume inside the reservation's `with` block."""
         self._check_fits(n_bytes)
         with self._lock:
             self._expire()
@@ -59,11 +71,11 @@ class VolumeStore:
                 raise busy(f"other uploads in progress fill this server's {self.capacity_bytes} bytes of volume "
                            "memory; try again when they are done", 5)
             self._reserved += n_bytes
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._reserved -= n_bytes
+        return Reservation(self, n_bytes)
+
+    def release(self, n_bytes: int) -> None:
+        with self._lock:
+            self._reserved -= n_bytes
 
     def add(self, array: np.ndarray, spacing_mm: tuple[float, ...], *, reserved: bool = False) -> StoredVolume:
         """Keep `array`, evicting expired and then least recently used volumes to make room (`reserved`: inside

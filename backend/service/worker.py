@@ -152,13 +152,17 @@ class EngineWorker:
         """Queue `run(engine)`; the future gives a Timed. A future cancelled before it starts is skipped."""
         task = _Task(run)
         with self._cond:
-            self._check_available()
-            if len(self._tasks) >= self.max_queue:
-                raise QueueFullError(f"the limit of {self.max_queue} request(s) waiting for the model is reached",
-                                     self._retry_after_s(len(self._tasks) + 1))
+            self._check_room()
             self._tasks.append(task)
             self._cond.notify_all()
+        task.future.add_done_callback(lambda future: self._forget(task) if future.cancelled() else None)
         return task.future
+
+    def _forget(self, task: _Task) -> None:
+        """A task cancelled before it ran (its client left or gave up) leaves the queue at once."""
+        with self._cond:
+            if task in self._tasks:
+                self._tasks.remove(task)
 
     def add_sweep(self, job: BatchJob) -> None:
         """Queue a batch job; it runs a batch at a time until it reports no more work or is finished."""
@@ -188,10 +192,13 @@ class EngineWorker:
     def check_room(self) -> None:
         """Raise now what `submit` would: lets a handler refuse a query before it reads the query's body."""
         with self._cond:
-            self._check_available()
-            if len(self._tasks) >= self.max_queue:
-                raise QueueFullError(f"the limit of {self.max_queue} request(s) waiting for the model is reached",
-                                     self._retry_after_s(len(self._tasks) + 1))
+            self._check_room()
+
+    def _check_room(self) -> None:
+        self._check_available()
+        if len(self._tasks) >= self.max_queue:
+            raise QueueFullError(f"the limit of {self.max_queue} request(s) waiting for the model is reached",
+                                 self._retry_after_s(len(self._tasks) + 1))
 
     def _retry_after_s(self, calls_ahead: int) -> int:
         """Seconds until `calls_ahead` engine calls are done, from the median of recent ones (1 s before any)."""
@@ -240,9 +247,9 @@ class EngineWorker:
         if isinstance(item, _Task):
             if not item.future.set_running_or_notify_cancel():
                 return False  # its caller gave up waiting
+            self._call_before_batch()
             started = time.monotonic()
             try:
-                self._call_before_batch()
                 value = item.run(self._engine)
             except BaseException as error:  # noqa: BLE001 - handed to the waiting request
                 _settle(item.future, exception=error)
@@ -252,8 +259,8 @@ class EngineWorker:
             return False
         if item.finished:
             return False
-        started = time.monotonic()
         self._call_before_batch()
+        started = time.monotonic()
         more = item.run_next_batch(self._engine)
         self._record(time.monotonic() - started)
         return more
