@@ -129,6 +129,7 @@ def test_evaluate_answers_every_test_entry_with_upstreams_prompts_and_writes_tab
                 assert record["prompt"] == TC_EVAL_PROMPT and 0.0 < record["yes_probability"] < 1.0
             else:
                 assert record["prompt"] == f"[refer] give me the location of the {entry['phrase']}"
+                assert record["box_confidence"] is None or 0.0 < record["box_confidence"] <= 1.0
         assert {e.get("phrase") for e in entries} == ({None} if task == "tumor_classification" else
                                                      {"pancreatic tumor"} if "tumor" in task else {"pancreas"})
     # the yes/no set is asked once more with a training prompt, the one upstream's prompt never was
@@ -376,3 +377,31 @@ def test_a_fit_output_folder_means_its_latest_model_and_names_the_default_output
     assert json.loads((out / "run.json").read_text())["model"] == str(run / "model_epoch_3")
     assert [r["q_id"] for r in saved(out, "tumor_detection_msd")] == [1]
     assert json.loads((out / "metrics.json").read_text())["tasks"]["tumor_detection_msd"]["n"] == 1
+
+
+def test_box_confidence_is_reported_against_iou_by_rank_correlation_and_bins(tmp_path):
+    truth = [20, 20, 59, 59]
+    entries = [{"phrase": "pancreas", "bbox": truth, "width": 100, "height": 100, "dataset": "MSD",
+                "answer": "{<20><20><59><59>}"} for _ in range(6)]
+    prepared = hand_prepared(tmp_path / "prep", {"pancreas_detection_msd": entries})
+    # boxes shifted by 0, 5, 10 and 20 pixels (IoU falling) with falling confidence; one answer saved without a
+    # confidence (an older run) and one unreadable answer, both left out
+    said = [(shift, confidence) for shift, confidence in ((0, 0.96), (5, 0.85), (10, 0.75), (20, 0.3))]
+    lines = [{"q_id": i + 1, "image": entries[i]["image"], "prompt": "by hand",
+              "answer": f"{{<{20 + s}><20><{59 + s}><59>}}", "box_confidence": c} for i, (s, c) in enumerate(said)]
+    lines += [{"q_id": 5, "image": entries[4]["image"], "prompt": "by hand", "answer": "{<20><20><59><59>}"},
+              {"q_id": 6, "image": entries[5]["image"], "prompt": "by hand", "answer": "no idea",
+               "box_confidence": 0.99}]
+    (tmp_path / "eval" / "predictions").mkdir(parents=True)
+    (tmp_path / "eval" / "predictions" / "pancreas_detection_msd.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines))
+    metrics = rescore(tmp_path / "eval", prepared, ["pancreas_detection_msd"])
+    result = metrics["tasks"]["pancreas_detection_msd"]["confidence"]
+    assert (result["n"], result["n_without_confidence"]) == (4, 1)
+    assert result["spearman"] == pytest.approx(1.0)  # higher confidence, higher IoU, in every pair
+    assert [(b["range"], b["n"]) for b in result["bins"]] == [([0.0, 0.5], 1), ([0.7, 0.8], 1), ([0.8, 0.9], 1),
+                                                               ([0.95, 1.0], 1)]
+    ious = [b["mean_iou"] for b in result["bins"]]
+    assert ious == sorted(ious) and result["bins"][-1]["hit_rate"] == 1.0 and result["bins"][0]["hit_rate"] == 0.0
+    tables = (tmp_path / "eval" / "tables.md").read_text(encoding="utf-8")
+    assert "### Box confidence against IoU (STRICT)" in tables and "| pancreas_detection_msd | 1.000 (4) |" in tables

@@ -4,8 +4,9 @@ The output folder (`--out`) holds:
 
     run.json                   what produced the predictions: model identity, prompts, answer length
     predictions/<task>.jsonl   one line per answered test entry: q_id, image, prompt, answer, yes_probability,
-                               seconds. Lines are appended (and synced) after every batch, so an interrupted run
-                               keeps what it did and the same command later answers only the missing q_ids.
+                               box_confidence (of the first box; `evaluate_confidence`), seconds. Lines are
+                               appended (and synced) after every batch, so an interrupted run keeps what it
+                               did and the same command later answers only the missing q_ids.
     metrics.json, tables.md, tables.csv   the model's numbers beside the baselines' (`evaluate_report`)
     iou_histograms.png, heatmaps.png, examples/   the figures (`evaluate_figures`)
 
@@ -231,7 +232,9 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
                                  max_new_tokens=max_new_tokens,
                                  constrain_boxes=constrain_boxes and task.kind == "detection")
         _append(path, [{"q_id": entry["q_id"], "image": entry["image"], "prompt": question, "answer": result.answer,
-                        "yes_probability": result.yes_probability, "seconds": round(result.inference_ms / 1000, 4)}
+                        "yes_probability": result.yes_probability,
+                        "box_confidence": result.boxes[0].confidence if result.boxes else None,
+                        "seconds": round(result.inference_ms / 1000, 4)}
                        for entry, question, result in zip(batch, questions, results)])
         answered += len(batch)
         if progress is not None:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 from training.evaluate_baseline import BOX_LABEL, MAJORITY_LABEL
+from training.evaluate_confidence import confidence_table
 from training.evaluate_scoring import VARIANT_NAMES
 
 METRICS_FILE, TABLES_MD, TABLES_CSV = "metrics.json", "tables.md", "tables.csv"
@@ -94,6 +95,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         for key, short, title in DETECTION_TABLES:
             lines += _detection_table(rows, key, short, title)
         lines += _balanced_table(rows)
+        lines += confidence_table(metrics)
         lines += _unavailable_baselines(rows)
     lines += _yes_no_table(metrics)
     lines += ["## Published numbers (for comparison)", "", "| metric | value | source |", "|---|---|---|"]

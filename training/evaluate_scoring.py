@@ -26,6 +26,7 @@ from SlicerMiniGPTPancreas.metrics import (
     DetectionReport, MetricsError, SampleScore, Variant, combine_weighted, evaluate_detection, evaluate_yes_no,
 )
 from training.evaluate import EvaluateError, TaskSet
+from training.evaluate_confidence import confidence_vs_iou, mid_ranks
 
 VARIANTS = (Variant.E1, Variant.E2, Variant.E3, Variant.STRICT)
 VARIANT_NAMES = tuple(variant.value for variant in VARIANTS)
@@ -122,6 +123,7 @@ def score_detection(task: TaskSet, answers: list[dict[str, Any] | None]
         else:
             result["variants"][variant.value] = group_reports[0].as_dict()
             reports[variant.value] = group_reports[0]
+    result["confidence"] = confidence_vs_iou(strict_samples(task, answers), answers)
     return result, reports, ious
 
 
@@ -200,11 +202,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     n_negative = labels.size - n_positive
     if n_positive == 0 or n_negative == 0:
         return None
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    mid_ranks = first + (counts + 1) / 2.0  # 1-based average rank of each run of equal scores
-    ranks = np.empty(scores.size, dtype=np.float64)
-    ranks[order] = np.repeat(mid_ranks, counts)  # [N]
+    ranks = mid_ranks(scores)  # [N], 1-based
     u_statistic = ranks[labels].sum() - n_positive * (n_positive + 1) / 2.0
     return float(u_statistic / (n_positive * n_negative))
 
