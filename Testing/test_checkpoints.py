@@ -78,6 +78,19 @@ def test_depth_is_the_contiguous_block_count_for_other_models():
     assert infer_vision_config(eva_like(88, range(3), mlp=256), 56, None, "f").num_heads == 1
 
 
+def test_a_vit_of_another_width_without_a_head_count_is_refused_not_guessed(tmp_path):
+    # ViT-B is 768 wide with 12 heads; upstream's rule would have guessed 768 // 88 = 8 and answered wrongly
+    vit = tmp_path / "vit_b.pth"
+    with pytest.raises(CheckpointError, match=r"768 wide.*vit_num_heads=N.*vit_b\.json"):
+        infer_vision_config(eva_like(768, range(2), mlp=3072), 224, None, vit)
+    assert infer_vision_config(eva_like(768, range(2), mlp=3072), 224, 12, vit).num_heads == 12
+    (tmp_path / "vit_b.json").write_text(json.dumps({"num_heads": 12}))
+    assert infer_vision_config(eva_like(768, range(2), mlp=3072), 224, None, vit).num_heads == 12
+    (tmp_path / "vit_b.json").write_text("{\"heads\": 12}")
+    with pytest.raises(CheckpointError, match="vit_b.json must be JSON like"):
+        infer_vision_config(eva_like(768, range(2), mlp=3072), 224, None, vit)
+
+
 def test_head_count_can_be_given_and_must_divide_the_width(files):
     assert infer_vision_config(eva_like(176, range(2)), 56, 4, "f").num_heads == 4
     with pytest.raises(ConfigError, match="not divisible by num_heads 3.*vit_num_heads"):

@@ -8,6 +8,7 @@ a missing or mis-shaped one stops loading with a message that lists all of them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,8 @@ __all__ = ["CheckpointError", "BaseFiles", "load_upstream", "infer_vision_config
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EVA_VIT_G_WIDTH, EVA_VIT_G_HEADS = 1408, 16
+UPSTREAM_HEAD_WIDTH = 88  # upstream's rule heads = width // 88, which this project's tiny models follow
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _LORA_A_KEY = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_A\.weight$")
 
@@ -63,7 +66,10 @@ def load_upstream(vit_checkpoint: str | os.PathLike, llama_dir: str | os.PathLik
         interpolated bicubically (float32) to the grid of `image_size`.
       * depth = the number of contiguous `blocks.N` in the file, except that a 1408-wide file with 40 or more
         blocks gives 39: upstream builds 39 blocks and ignores EVA-CLIP-g's 40th (`blocks.39.*`).
-      * heads: not stored in weights; `vit_num_heads`, else upstream's rule `max(1, width // 88)` (16 for 1408).
+      * heads: not stored in weights (`vit_heads`): `vit_num_heads`, else `{"num_heads": N}` in a sidecar JSON
+        beside the ViT file (`eva_vit_g.json` for `eva_vit_g.pth`), else 16 for EVA ViT-g's width 1408. Any other
+        width is refused, except multiples of 88, this project's tiny models that follow upstream's rule
+        width // 88, which load with a warning.
       * LLaMA sizes from `llama_dir/config.json`; LoRA r from the `lora_A` shapes and the LoRA targets from the
         checkpoint's LoRA keys (unless `lora_target_modules` is given); alpha 16 and dropout 0.05 unless given
         (upstream never reads other values from its configs); scaling = alpha / r.
@@ -123,11 +129,43 @@ def infer_vision_config(raw: dict[str, torch.Tensor], image_size: int, num_heads
         # and its strict=False load ignores a 40th, so both kinds of real file load to the same 39-block ViT.
         depth = 39
     grid_tokens = raw["pos_embed"].shape[1] - 1
-    heads = num_heads if num_heads is not None else max(1, width // 88)
+    heads = vit_heads(width, num_heads, Path(file))
     config = VisionConfig(image_size=image_size, patch_size=patch, width=width, depth=depth, num_heads=heads,
                           mlp_hidden=raw["blocks.0.mlp.fc1.weight"].shape[0], checkpoint_grid=math.isqrt(grid_tokens))
     config.validate()
     return config
+
+
+def vit_heads(width: int, num_heads: int | None, vit_file: Path) -> int:
+    """The ViT head count (rules in `load_upstream`'s docstring): a wrong one gives wrong answers, not an error."""
+    if num_heads is not None:
+        return num_heads
+    sidecar = vit_file.with_suffix(".json")
+    if sidecar.is_file():
+        return _sidecar_heads(sidecar)
+    if width == EVA_VIT_G_WIDTH:
+        return EVA_VIT_G_HEADS
+    if width % UPSTREAM_HEAD_WIDTH:
+        raise CheckpointError(
+            f"EVA ViT checkpoint {vit_file} is {width} wide, not EVA ViT-g's {EVA_VIT_G_WIDTH}, and its attention "
+            "head count is not stored in the weights. Pass it (vit_num_heads=N, `import-upstream --vit-num-heads "
+            f"N`) or write {{\"num_heads\": N}} to {sidecar}.")
+    heads = width // UPSTREAM_HEAD_WIDTH
+    log.warning("%s: ViT width %d is not EVA ViT-g's; assuming upstream's rule width // %d = %d heads. Pass "
+                "vit_num_heads or write %s if it was trained with another count.", vit_file, width,
+                UPSTREAM_HEAD_WIDTH, heads, sidecar.name)
+    return heads
+
+
+def _sidecar_heads(sidecar: Path) -> int:
+    try:
+        heads = json.loads(sidecar.read_text(encoding="utf-8"))["num_heads"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{sidecar} must be JSON like {{\"num_heads\": 16}} (the ViT head count): "
+                              f"{error}") from None
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise CheckpointError(f"{sidecar}: num_heads must be a whole number, got {heads!r}.")
+    return heads
 
 
 def infer_lora(trainable: dict[str, torch.Tensor], targets: tuple[str, ...] | None,

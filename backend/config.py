@@ -26,7 +26,7 @@ class VisionConfig:
     patch_size: int = 14
     width: int = 1408  # embed_dim == num_features
     depth: int = 39  # EVA-CLIP-g has 40 blocks; MiniGPT-v2 / BLIP-2 build 39
-    num_heads: int = 16  # not readable from weights; upstream rule width // 88
+    num_heads: int = 16  # not readable from weights (`checkpoints.vit_heads`)
     mlp_hidden: int = 6144  # int(1408 * 4.3637)
     layer_norm_eps: float = 1e-6
     checkpoint_grid: int = 16  # grid side of the position embedding stored in eva_vit_g.pth (224 px / 14)

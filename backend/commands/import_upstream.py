@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     parser.add_argument("--image-size", type=int, default=448, help="input image side in pixels (default 448)")
     parser.add_argument("--vit-num-heads", type=int, default=None,
-                        help="ViT attention heads (default: width // 88, i.e. 16 for EVA ViT-g)")
+                        help="ViT attention heads (default: a sidecar eva_vit_g.json {\"num_heads\": N} beside "
+                             "--vit, else 16 for EVA ViT-g; other widths need it)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16, as upstream)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="precision used while checking the files (default bfloat16: ~14 GB RAM for 7B); "
