@@ -12,6 +12,8 @@ import sys
 
 # name -> (module, one-line help). Modules keep heavy imports inside `run`.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("backend.commands.bench",
+              "time the engine against upstream's one-slice, one-question loop (or load the true-size model)"),
     "demo": ("backend.demo", "run the whole pipeline on a synthetic CT phantom and write boxes and overlays"),
     "import-upstream": ("backend.commands.import_upstream",
                         "convert the original eva_vit_g.pth + LLaMA-2 folder + MiniGPT .pth into a model folder"),
