@@ -222,6 +222,30 @@ def test_a_client_leaving_mid_upload_is_one_info_line(engine, caplog):  # noqa: 
     assert not [r for r in caplog.records if "secret" in r.getMessage()]
 
 
+def test_an_unexpected_error_is_one_500_logged_once(engine, caplog):  # noqa: F811
+    failures = iter([RuntimeError("a fault of the server")])
+
+    def fail_once() -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    uvicorn_records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = uvicorn_records.append  # uvicorn's loggers do not propagate to caplog
+    server = LiveServer(create_app(engine, before_batch=fail_once))  # configures uvicorn's logging: add after
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with server, caplog.at_level(logging.INFO):
+            response = requests.post(server.url + p.ROUTE_QUERY, data=_query(), headers=JSON, timeout=WAIT_S)
+            assert response.status_code == 500
+            assert "RuntimeError" in p.ErrorResponse.from_dict(response.json()).message
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    errors = [r for r in caplog.records + uvicorn_records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None  # one entry, with its traceback
+
+
 def test_shutdown_answers_every_waiting_query(engine):  # noqa: F811
     gate = Gate()
     gate.close()

@@ -247,9 +247,10 @@ class EngineWorker:
         if isinstance(item, _Task):
             if not item.future.set_running_or_notify_cancel():
                 return False  # its caller gave up waiting
-            self._call_before_batch()
             started = time.monotonic()
             try:
+                self._call_before_batch()
+                started = time.monotonic()  # a test hook's wait is no engine time
                 value = item.run(self._engine)
             except BaseException as error:  # noqa: BLE001 - handed to the waiting request
                 _settle(item.future, exception=error)
