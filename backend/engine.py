@@ -17,10 +17,8 @@ The engine holds no files and no HTTP; it is not thread-safe (the service runs i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from backend.answers import (
 )
 from backend.decoding import BoxDrafter, SamplingOptions
 from backend.image import preprocess_image
+from backend.image_cache import EmbeddingCache, image_key
 from SlicerMiniGPTPancreas import preprocess
 
 __all__ = ["DetectedBox", "SliceResult", "EngineError", "EngineCancelled", "InferenceEngine"]
@@ -68,6 +67,8 @@ class InferenceEngine:
         memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EngineError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+        if isinstance(image_cache_bytes, bool) or not isinstance(image_cache_bytes, int) or image_cache_bytes < 0:
+            raise EngineError(f"image_cache_bytes must be a whole number >= 0, got {image_cache_bytes!r}.")
         if box_decoding not in BOX_DECODINGS:
             raise EngineError(f"box_decoding must be one of {BOX_DECODINGS}, got {box_decoding!r}.")
         if image_variant not in preprocess.VARIANTS:
@@ -84,7 +85,7 @@ class InferenceEngine:
         self._yes_id, self._no_id = yes_no_token_ids(model.tokenizer)
         self._box_constraint: BoxGrammarConstraint | None = None  # built on first use (scans the vocabulary)
         self._drafter = BoxDrafter(model.tokenizer)
-        self._images = _EmbeddingCache(image_cache_bytes)
+        self._images = EmbeddingCache(image_cache_bytes)
         self.images_encoded = 0  # slices the vision tower has encoded (benchmarks and tests read it)
 
     @classmethod
@@ -177,7 +178,7 @@ class InferenceEngine:
                           kind: str) -> torch.Tensor:
         """[B, T, H] LLM embeddings of the images; each distinct image not kept yet goes through the vision tower
         once, all of them in one call."""
-        keys = [_image_key(image, kind) for image in images]
+        keys = [image_key(image, kind) for image in images]
         missing = {key: image for key, image in zip(keys, images) if key not in self._images}
         fresh = {}
         if missing:
@@ -201,40 +202,6 @@ class InferenceEngine:
         if self._box_constraint is None:
             self._box_constraint = BoxGrammarConstraint(self.model.tokenizer)
         return self._box_constraint
-
-
-class _EmbeddingCache:
-    """Image embeddings by image key, in host memory, least recently used evicted beyond `capacity_bytes`."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
-            raise EngineError(f"image_cache_bytes must be a whole number >= 0, got {capacity_bytes!r}.")
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def get(self, key: str) -> torch.Tensor:
-        self._entries.move_to_end(key)
-        return self._entries[key]
-
-    def put(self, key: str, embedding: torch.Tensor) -> None:
-        size = embedding.numel() * embedding.element_size()
-        if size > self.capacity_bytes:
-            return
-        self._entries[key] = embedding.to("cpu", copy=True)  # a copy: not a view that pins the whole batch
-        self._bytes += size
-        while self._bytes > self.capacity_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.numel() * dropped.element_size()
-
-
-def _image_key(image: np.ndarray, kind: str) -> str:
-    """Same bytes, shape, dtype and intensity rule -> same model input -> same embedding."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
-    return f"{kind}/{image.dtype.str}/{'x'.join(map(str, image.shape))}/{digest}"
 
 
 def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequence[str | os.PathLike] | None = None,
