@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from SlicerMiniGPTPancreas.geometry import (
+    LPS_TO_RAS,
     GeometryError,
     ModelView,
     ObliqueVolumeError,
     mask_box,
     ras_matrix_from_sitk,
+    resample_to_axial,
+    tilt_displacement_voxels,
     volume_from_sitk,
 )
 
@@ -188,15 +191,75 @@ def test_float_noise_in_the_direction_is_accepted():
     np.testing.assert_array_equal(ModelView.from_volume(image, noisy).array, _expected_model_view()[1])
 
 
-@pytest.mark.parametrize("degrees", [10.0, 0.1])
-def test_oblique_volumes_are_refused_with_advice(degrees):
-    _, image, matrix = _stored_volume("LPS")
+def _tilted(matrix: np.ndarray, degrees: float, axis: int = 2) -> np.ndarray:
+    """`matrix` turned by `degrees` about RAS axis `axis` (about x: a gantry tilt)."""
     angle = np.radians(degrees)
     rotation = np.eye(4)
-    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-    with pytest.raises(ObliqueVolumeError, match=rf"oblique.*{degrees:.2f} degrees.*[Rr]esample") as caught:
-        ModelView.from_volume(image, rotation @ matrix)
+    a, b = [n for n in range(3) if n != axis]
+    rotation[[a, a, b, b], [a, b, a, b]] = [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)]
+    return rotation @ matrix
+
+
+def test_oblique_volumes_are_refused_with_advice():
+    _, image, matrix = _stored_volume("LPS")
+    with pytest.raises(ObliqueVolumeError, match=r"oblique.*10.00 degrees.*voxels.*--resample") as caught:
+        ModelView.from_volume(image, _tilted(matrix, 10.0))
     assert isinstance(caught.value, GeometryError) and isinstance(caught.value, ValueError)
+    sheared = matrix.copy()
+    sheared[:3, 1] = [-0.8, 0.5, 0.0]  # rows run closer to the columns' axis than to their own
+    with pytest.raises(ObliqueVolumeError, match="45 degrees or more"):
+        ModelView.from_volume(image, sheared)
+
+
+def test_a_tilt_is_judged_by_how_far_it_moves_voxels_not_by_its_angle():
+    # 0.1 degrees on this 10 x 10 x 15 mm grid moves no voxel by 0.02 voxel: the same view as untilted
+    _, image, matrix = _stored_volume("LPS")
+    np.testing.assert_array_equal(ModelView.from_volume(image, _tilted(matrix, 0.1)).array, _expected_model_view()[1])
+    # a CT of 120 slices of 2.5 mm with 0.06 degrees of gantry tilt, refused before (sine 1.05e-3 > 1e-3): its far
+    # slice moves 0.31 mm, 0.45 of a 0.7 mm row, so every voxel stays nearest to its own grid point: accepted
+    ct = np.diag([0.7, 0.7, 2.5, 1.0])
+    assert tilt_displacement_voxels(_tilted(ct, 0.06, axis=0)[:3, :3], (64, 64, 120)) == pytest.approx(
+        np.sin(np.radians(0.06)) * 119 * 2.5 / 0.7, rel=1e-3)
+    ModelView.from_volume(np.zeros((120, 64, 64), np.int16), _tilted(ct, 0.06, axis=0))
+    with pytest.raises(ObliqueVolumeError, match="0.10 degrees.*0.74 voxels.*at most 0.5"):
+        ModelView.from_volume(np.zeros((120, 64, 64), np.int16), _tilted(ct, 0.1, axis=0))
+
+
+def test_a_half_degree_tilted_ct_resampled_puts_its_boxes_on_the_right_voxels():
+    # a gantry-tilted grid (0.5 degrees about x) sampling the patient's blobs, stored LPS as DICOM would
+    # voxels of half the size, 30 slices: 0.5 degrees moves the top slice's rows by 0.7 rows
+    matrix = _tilted(_ijk_to_ras("LPS") @ np.diag([0.5, 0.5, 0.5, 1.0]), 0.5, axis=0)
+    shape_kji = (30, 22, 28)
+    k, j, i = np.indices(shape_kji)
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
+    ras = (ijk1 @ matrix.T)[..., :3]
+    x0, x1, y0, y1, z0, z1 = (22.0, 26.0, 32.0, 36.0, -130.0, -120.0)  # a structure well inside the scan
+    inside = (ras[..., 0] >= x0) & (ras[..., 0] <= x1) & (ras[..., 1] >= y0) & (ras[..., 1] <= y1) & \
+        (ras[..., 2] >= z0) & (ras[..., 2] <= z1)
+    with pytest.raises(ObliqueVolumeError, match="0.50 degrees"):
+        ModelView.from_volume(inside, matrix)
+    sitk = pytest.importorskip("SimpleITK")
+    # a bright structure (1000 HU on 0), as the model would see it
+    image = sitk.GetImageFromArray(np.where(inside, 1000, 0).astype(np.int16))
+    image.SetSpacing(np.linalg.norm(matrix[:3, :3], axis=0).tolist())
+    image.SetDirection((LPS_TO_RAS @ matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0)).ravel().tolist())
+    image.SetOrigin((LPS_TO_RAS @ matrix[:3, 3]).tolist())
+    resampled = resample_to_axial(image)
+    view = ModelView.from_volume(*volume_from_sitk(resampled))
+    assert view.shape == (30, 22, 28)
+    assert np.allclose(view.model_to_ras_matrix[:3, :3], np.diag([-0.375, -0.45, 1.25]))  # axis-aligned now
+    hits = 0
+    for s in range(view.shape[0]):
+        box = mask_box(view.slice(s) > 500)
+        if box is None:
+            continue
+        hits += 1
+        (cx, cy, cz), (width, depth, _) = view.box_to_ras(box, s)
+        assert z0 - 1.25 <= cz <= z1 + 1.25  # the blob's slices
+        # the box's physical extent is the blob's, within one voxel and the 0.5 degree tilt's shear
+        assert abs((cx - width / 2) - x0) <= 0.5 and abs((cx + width / 2) - x1) <= 0.5
+        assert abs((cy - depth / 2) - y0) <= 0.6 and abs((cy + depth / 2) - y1) <= 0.6
+    assert hits >= 4
 
 
 def test_bad_volumes_are_refused():

@@ -197,6 +197,26 @@ def test_bad_input_is_one_clear_line_and_leaves_the_earlier_output(case, message
     assert [p.name for p in out.iterdir()] == ["summary.json"]
 
 
+def test_a_gantry_tilted_volume_is_resampled_on_request_and_the_outputs_say_so(tiny, runs, tmp_path, capsys):
+    image = phantom_writers.to_sitk_image(_ct("LPS"))
+    angle = np.radians(3.0)  # a gantry tilt: slices turned about the patient's left-right axis
+    image.SetDirection([1.0, 0.0, 0.0, 0.0, np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle)])
+    tilted = tmp_path / "tilted.nii.gz"
+    sitk.WriteImage(image, str(tilted))
+    argv = ["predict", str(tilted), "--model", str(tiny[1]), "--slices", SLICES, *QUICK]
+    assert cli.main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "--resample" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    out = tmp_path / "resampled"
+    assert cli.main([*argv, "--out", str(out), "--resample"]) == 0
+    assert "note: the volume was tilted" in capsys.readouterr().err
+    summary = _json(out / "summary.json")
+    assert summary["resampled"].startswith("tilted (up to 1.") and "nearest axial grid" in summary["resampled"]
+    assert summary["model_view_shape"] == [20, 48, 48]  # the same voxel counts on the axis-aligned grid
+    assert _json(runs["LPS"] / "summary.json")["resampled"] is None  # an axial volume is used as it is
+    rows = _csv(out)
+    assert rows and {int(row["slice"]) for row in rows} <= {8, 9, 10}
+
+
 def test_a_folder_that_is_not_an_earlier_output_is_never_replaced(tiny, volumes, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     argv = ["predict", str(volumes["LPS"]), "--model", str(tiny[1]), "--out", str(tmp_path)]

@@ -12,7 +12,10 @@ output folder is built beside its target and swapped in whole:
   overlays/       the slices with boxes, boxes drawn (PNG)
   summary.json    inputs, model, counts
 
-Slice numbers are model-view slices, 0 = the most inferior, whatever the file's storage order.
+Slice numbers are model-view slices, 0 = the most inferior, whatever the file's storage order. A tilted volume
+(gantry tilt, oblique reformat) is refused unless --resample: then it is resampled onto the nearest axial grid
+(`geometry.resample_to_axial`) and the outputs say so ("resampled" in summary.json); slice numbers and pixel boxes
+then refer to the resampled grid, RAS positions to the patient as always.
 """
 
 from __future__ import annotations
@@ -55,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20, help="answer length limit (default 20, upstream)")
     parser.add_argument("--constrain-boxes", action="store_true",
                         help="let the model write only one box per slice (detection prompts)")
+    parser.add_argument("--resample", action="store_true",
+                        help="resample a tilted (oblique) volume onto the nearest axial grid instead of refusing it")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder, replaced whole (default: <volume name>-predictions here)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from SlicerMiniGPTPancreas import geometry
-
     from backend.commands.cascade_outputs import write_cascade_outputs
     from backend.commands.predict_outputs import write_outputs
 
@@ -74,15 +77,17 @@ def run(args: argparse.Namespace) -> int:
     resolve_model_source(args)  # prints which model, first, when it is the bundled one
     _check_options(args, prompt)
     _check_output_folder(out)
-    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(volume, args.series)))
+    view, resampled = model_view(read_volume(volume, args.series), args.resample)
     chosen = parse_slices(args.slices, view.shape[0])
+    if resampled:
+        print(f"note: the volume was {resampled}", file=sys.stderr)
 
     engine = engine_from_args(args)
     details = {
         "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": "cascade" if args.cascade else prompt,
         "model": engine.model_id, "device": engine.device, "precision": engine.precision,
         "image_variant": engine.image_variant, "box_decoding": engine.box_decoding,
-        "constrain_boxes": args.constrain_boxes,
+        "constrain_boxes": args.constrain_boxes, "resampled": resampled,
     }
     if args.cascade:
         answers = sweep_volume(engine, view, chosen, args.max_new_tokens)
@@ -97,6 +102,23 @@ def run(args: argparse.Namespace) -> int:
                                 seconds=time.perf_counter() - started)
     _print_summary(summary, out)
     return 0
+
+
+def model_view(image, resample: bool):
+    """(the model view of a SimpleITK image, None) or, for a tilted image with `resample`, (the view of it
+    resampled onto the nearest axial grid, what was done)."""
+    from SlicerMiniGPTPancreas import geometry
+
+    try:
+        return geometry.ModelView.from_volume(*geometry.volume_from_sitk(image)), None
+    except geometry.ObliqueVolumeError:
+        if not resample:
+            raise
+    tilt = geometry.tilt_displacement_voxels(geometry.ras_matrix_from_sitk(image)[:3, :3], image.GetSize())
+    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(geometry.resample_to_axial(image)))
+    return view, (f"tilted (up to {tilt:.2f} voxels across it) and was resampled onto the nearest axial grid "
+                  "(linear interpolation): slice numbers and pixel boxes refer to that grid, RAS positions to the "
+                  "patient")
 
 
 def sweep_volume(engine, view, chosen: range, max_new_tokens: int = 20) -> list:
