@@ -69,7 +69,7 @@ def asks_yes_no(prompt: str) -> bool:
 
 
 def yes_no_token_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(yes ids, no ids): the single-token spellings of each word (LLaMA-2: "▁yes" 4874, "▁Yes" 3869, ...).
+    """(yes ids, no ids): the single-token spellings of each word (LLaMA-2: "▁yes" 4874, "▁Yes", "Yes", ...).
 
     A word without any single-token spelling falls back to the first piece of its answer, with a warning.
     """
@@ -97,16 +97,12 @@ def _single_token_spellings(tokenizer, word: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def yes_probability(first_logits: torch.Tensor, yes_ids: int | Sequence[int], no_ids: int | Sequence[int]) -> float:
+def yes_probability(first_logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> float:
     """P(yes) / (P(yes) + P(no)) from the first-token logits [V], each word's probability summed over its ids."""
     logits = first_logits.float()
-    yes = torch.logsumexp(logits[list(_as_ids(yes_ids))], dim=0)
-    no = torch.logsumexp(logits[list(_as_ids(no_ids))], dim=0)
+    yes = torch.logsumexp(logits[list(yes_ids)], dim=0)
+    no = torch.logsumexp(logits[list(no_ids)], dim=0)
     return float(torch.sigmoid(yes - no))
-
-
-def _as_ids(ids: int | Sequence[int]) -> tuple[int, ...]:
-    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)
 
 
 def to_slice_result(answer: str, token_ids: Sequence[int], token_logprobs: Sequence[float], tokenizer,
