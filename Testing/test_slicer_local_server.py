@@ -5,8 +5,11 @@ starts the process with slicer.util.launchConsoleProcess instead of subprocess.P
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,25 @@ def test_a_missing_executable_is_reported_with_the_full_command(tmp_path):
     message = str(error.value)
     assert "does not exist" in message and f"{tmp_path}/bin/minigpt-pancreas serve --model " in message
     assert logic.local_server.process is None
+
+
+def test_the_log_keeps_output_the_launchers_codec_cannot_decode():
+    """Slicer's launcher decodes the pipe with the locale's codec; the model loading prints progress bars."""
+    script = "print('Loading weights: \\u2588\\u2588 100%'); print('ready')"
+
+    def launch(args):
+        return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, encoding="ascii", env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+    server = local_server.LocalServer(sys.executable, "", launch)
+    server.start(logic_at(f"http://127.0.0.1:{free_port()}").client)
+    server.process.wait(WAIT_S)
+    lines = []
+    deadline = time.monotonic() + WAIT_S
+    while len(lines) < 2 and time.monotonic() < deadline:
+        lines += server.log_lines()
+        time.sleep(0.01)
+    assert lines == ["Loading weights: \u2588\u2588 100%", "ready"]
 
 
 def test_a_remote_url_is_not_started_locally():

@@ -156,5 +156,8 @@ class LocalServer:
             return False
 
     def _pump(self, process: Any) -> None:
-        for line in process.stdout:
-            self._log.put(line.rstrip("\n"))
+        """Collect the child's lines as UTF-8, whatever codec the launcher's text pipe has (Slicer's uses the locale's,
+        which cannot decode the progress bars of the model loading on every system): read the bytes underneath."""
+        for line in getattr(process.stdout, "buffer", process.stdout):
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            self._log.put(text.rstrip("\r\n"))
