@@ -38,7 +38,7 @@ from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_vo
 from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
 from MiniGPTPancreasGui.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
 from MiniGPTPancreasGui.server_section import ServerSection  # noqa: E402
-from SlicerMiniGPTPancreas.client import ClientError  # noqa: E402
+from SlicerMiniGPTPancreas.client import ClientError, ServerNotRunningError  # noqa: E402
 
 SERVE_COMMAND = "minigpt-pancreas serve --model <model folder> --port 8765"
 
@@ -360,10 +360,12 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         self.ui.progressBar.hide()
         self._updateButtons()
 
-    @staticmethod
-    def _reportError(error):
+    def _reportError(self, error):
         if isinstance(error, (ClientError, ValueError, LocalServerError)):  # their messages say what to do
-            slicer.util.errorDisplay(str(error), windowTitle=_("MiniGPT-Pancreas"))
+            more = _(" Or press Start local server, which runs: {command}").format(
+                command=self.logic.local_server.command_line(self.logic.client.base_url)
+            ) if isinstance(error, ServerNotRunningError) else ""
+            slicer.util.errorDisplay(str(error) + more, windowTitle=_("MiniGPT-Pancreas"))
             return
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         logging.error(details)

@@ -61,23 +61,24 @@ class ServerSection:
         self._selectPresetOf(text)
 
     def _connectLogic(self):
-        """Point the logic at the URL and token of the panel; remember the URL (never the token)."""
+        """Point the logic at the URL and token and the local server at the executable and model folder of the
+        panel; remember all but the token."""
         self.logic.set_server(self.ui.serverUrlLineEdit.text, self.ui.tokenLineEdit.text or None)
         self.ui.serverUrlLineEdit.text = self.logic.client.base_url
-        qt.QSettings().setValue(SETTINGS + "ServerUrl", self.logic.client.base_url)
+        server = self.logic.local_server
+        server.executable = self.ui.executableLineEdit.text.strip() or default_executable()
+        server.model_dir = self.ui.modelDirLineEdit.text.strip()
+        for key, value in (("ServerUrl", self.logic.client.base_url), ("ServerExecutable", server.executable),
+                           ("ModelFolder", server.model_dir)):
+            qt.QSettings().setValue(SETTINGS + key, value)
 
     def onStartServer(self):
         try:
             self._connectLogic()
-            server = self.logic.local_server
-            server.executable = self.ui.executableLineEdit.text.strip() or default_executable()
-            server.model_dir = self.ui.modelDirLineEdit.text.strip()
-            qt.QSettings().setValue(SETTINGS + "ServerExecutable", server.executable)
-            qt.QSettings().setValue(SETTINGS + "ModelFolder", server.model_dir)
             started = self.logic.launch_local_server() == STARTED
             self._logTimer.start()
             self._start(lambda report, cancelled: self.logic.wait_for_server(should_cancel=cancelled), self._showInfo,
-                        _("Starting: {command}").format(command=server.shown) if started
+                        _("Starting: {command}").format(command=self.logic.local_server.shown) if started
                         else _("A server already answers at {url}; using it.").format(url=self.logic.client.base_url))
         except Exception as error:  # noqa: BLE001
             self._reportError(error)

@@ -74,8 +74,10 @@ def add_box_rois(scene: Any, view: ModelView, boxes: Sequence[PlacedBox], *, lab
     """
     number = next_run_number(scene)
     run = RoiRun(number, f"MiniGPT-Pancreas run {number}: {label}")
-    by_confidence = sorted(range(len(boxes)), key=lambda i: -1.0 if boxes[i].confidence is None else -boxes[i].confidence)
-    kept = [boxes[i] for i in sorted(by_confidence[:max_rois])]  # the most confident, in their given order
+    # The most confident first; a box without a confidence counts as above any threshold (fusion.py), so first too.
+    by_confidence = sorted(range(len(boxes)),
+                           key=lambda i: -1.0 if boxes[i].confidence is None else -boxes[i].confidence)
+    kept = [boxes[i] for i in sorted(by_confidence[:max_rois])]  # in their given order
     run.dropped = len(boxes) - len(kept)
     sh_node = subject_hierarchy(scene)
     scene.StartState(scene.BatchProcessState)  # one scene update for the whole run, not one per ROI

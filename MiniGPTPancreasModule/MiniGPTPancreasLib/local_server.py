@@ -124,8 +124,12 @@ class LocalServer:
 
     @property
     def shown(self) -> str:
-        """The command as one copyable line."""
-        return shlex.join(self.command or serve_command(self.executable, self.model_dir, "http://127.0.0.1:8765"))
+        """The command of the last start as one copyable line."""
+        return shlex.join(self.command) if self.command else "(a server this module did not start)"
+
+    def command_line(self, url: str) -> str:
+        """The command that would serve `url`, as one copyable line."""
+        return shlex.join(serve_command(self.executable, self.model_dir, url))
 
     def stop(self) -> int | None:
         """Stop the child (terminate, then kill after STOP_TIMEOUT_S); its exit code, None when none was running."""
