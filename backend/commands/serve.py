@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
+import sys
 
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
 
@@ -122,5 +124,14 @@ def _serve(args: argparse.Namespace, sock: socket.socket, token: str | None) -> 
     access = "an access token is required" if token else "no token: this computer only"
     print(f"MiniGPT-Pancreas server on http://{args.host}:{args.port} ({access}); loading the model on {args.device} "
           "(GET /healthz says 'ok' when ready; Ctrl+C stops)", flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if app.state.service.worker.thread_alive:
+            # Ending the interpreter around a thread inside torch aborts it ("terminate called...", core dump):
+            # leave at once instead; every request has had its answer.
+            logging.getLogger(__name__).warning("exiting while the model is still busy")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if server.started else 1)
     return 0 if server.started else 1

@@ -112,6 +112,11 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread_alive(self) -> bool:
+        """Still in an engine call (or loading) after `stop`: native code that the interpreter cannot end."""
+        return self._thread.is_alive()
+
     def begin_shutdown(self, grace_s: float) -> None:
         """Refuse new work and cancel the sweeps at once; queued tasks still run for `grace_s`, then every task
         still waiting or running is answered "shutting down" (WorkerUnavailableError)."""
@@ -135,7 +140,7 @@ class EngineWorker:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.warning("an engine call is still running after %.0f s; exiting without waiting for it", timeout_s)
+                log.warning("the model is still busy (loading or answering) after %.0f s; not waiting for it", timeout_s)
 
     def _fail_waiting(self) -> None:
         stopping = WorkerUnavailableError("the server is shutting down", None)
