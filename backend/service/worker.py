@@ -140,7 +140,8 @@ class EngineWorker:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                log.warning("the model is still busy (loading or answering) after %.0f s; not waiting for it", timeout_s)
+                log.warning("the model is still busy (loading or answering) after %.0f s; not waiting for it",
+                            timeout_s)
 
     def _fail_waiting(self) -> None:
         stopping = WorkerUnavailableError("the server is shutting down", None)
