@@ -240,6 +240,10 @@ def test_examples_use_upstreams_prompt_pools_and_the_prepared_images(prepared):
     (lambda d: d["model"].update(model_dir="m"), r"model: give exactly one of"),
     (lambda d: d.update(precision="fp16"), r"'precision' must be one of auto, float32, float16, bfloat16"),
     (lambda d: d.update(grad_accumulation=3), r"multiples of 'grad_accumulation'"),
+    (lambda d: d.update(augment={"zoom": [1.2, 0.8]}), r"'augment'.zoom must be \[low, high\]"),
+    (lambda d: d.update(augment={"shift": 0.7}), r"'augment'.shift must be at most 0.5"),
+    (lambda d: d.update(augment={"rotate": 10}), r"'augment' must be true, false or"),
+    (lambda d: d.update(answer_value=-1), r"'answer_value' must be a number >= 0"),
     (lambda d: d["datasets"][0].update(task_file=d["datasets"][0]["task_file"].replace("pancreas", "nope")),
      r"datasets\[0\].task_file: .*nope_detection_msd_train.json does not exist.*prepare"),
 ])

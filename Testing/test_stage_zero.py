@@ -1,13 +1,20 @@
 """The pieces of the demo cascade's stage 0: a base initialised from scratch in upstream's file formats, training
-on generate's prompt layout, and the patch-grounding objective."""
+on generate's prompt layout, the patch-grounding and answer-value objectives, and the geometric augmentation."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from backend import prompts
 from backend.checkpoints import load_upstream
 from training.base_weights import ScratchSizes, write_initial_base
+from SlicerMiniGPTPancreas import grammar
+from training.answer_value import AnswerValueLoss
+from training.augment import Augmentation, augment_example
 from training.patch_grounding import PatchGroundingLoss
 
 SIZES = ScratchSizes(image_size=32, patch_size=8, vit_width=88, vit_depth=1, vit_mlp_hidden=128, llm_hidden=32,
@@ -45,10 +52,12 @@ def test_a_row_trained_on_the_inference_layout_scores_what_generate_sees(tmp_pat
     assert not torch.allclose(loss, usual)  # the two layouts really differ (two BOS, one space)
 
 
-def test_the_box_mask_covers_the_patches_of_the_answer_box(tmp_path):
-    grounding = PatchGroundingLoss(scratch_model(tmp_path))  # a 4 x 4 patch grid
-    mask = grounding.box_mask("{<0><0><49><49>}").reshape(4, 4)
-    assert mask[:2, :2].all() and mask.sum() == 4
+def test_the_box_mask_covers_the_parts_of_the_patches_inside_the_answer_box(tmp_path):
+    grounding = PatchGroundingLoss(scratch_model(tmp_path))  # a 4 x 4 patch grid, each patch cut 4 x 4
+    mask = grounding.box_mask("{<0><0><49><49>}").reshape(4, 4, 4, 4)  # [patch row, patch col, sub row, sub col]
+    assert mask[:2, :2].all() and mask.sum() == 4 * 16
+    mask = grounding.box_mask("{<30><0><49><9>}").reshape(4, 4, 4, 4)  # 16 cells a side: columns 4..7, row 0..1
+    assert mask[0, 1, :2, :].all() and mask.sum() == 8
     assert grounding.box_mask("{<0><0><0><0>}") is None and grounding.box_mask("yes") is None
 
 
@@ -61,3 +70,41 @@ def test_the_grounding_loss_trains_the_vision_tower(tmp_path):
     loss = grounding(["pancreas", None], [ANSWER, "no"])
     loss.backward()
     assert loss.item() > 0 and model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_answer_value_loss_reads_each_number_at_the_states_that_write_its_digits(tmp_path):
+    model = scratch_model(tmp_path)
+    model.requires_grad_(True)
+    value_loss = AnswerValueLoss(model)
+    pixels = torch.randn(2, 3, SIZES.image_size, SIZES.image_size)
+    output = model.training_forward(pixels, [QUESTION, "[vqa] is there a tumor?"], ["{<7><20><60><100>}", "no"],
+                                    keep_hidden=True)
+    positions, targets = value_loss.number_positions(output.labels)
+    assert targets == [0.07, 0.2, 0.2, 0.6, 0.6, 1.0, 1.0, 1.0]  # one state per digit; the yes/no row adds none
+    assert {row for row, _ in positions} == {0}
+    # the state before each digit is the one whose next label is that digit
+    labels = output.labels[0].tolist()
+    digits = [model.tokenizer.sp.id_to_piece(labels[column + 1]) for _, column in positions]
+    assert "".join(digits) == "72060100"
+    loss = value_loss(output)
+    loss.backward()
+    assert loss.item() > 0 and model.llama_proj.weight.grad.abs().sum() > 0
+
+
+def test_augmentation_moves_the_boxes_with_the_image():
+    image = Image.new("RGB", (200, 100))
+    ImageDraw.Draw(image).rectangle((60, 30, 99, 59), fill=(255, 255, 255))  # inclusive pixel box
+    answer = grammar.render_box((60, 30, 99, 59), 200, 100)
+    moved_any = False
+    for seed in range(20):
+        moved, new_answer = augment_example(image, answer, Augmentation(), random.Random(seed))
+        box = grammar.grid_to_pixels(grammar.parse_answer(new_answer).grid_boxes[0], 200, 100)
+        columns, rows = np.nonzero(np.asarray(moved)[..., 0].T > 127)
+        truth = (columns.min(), rows.min(), columns.max(), rows.max())
+        assert np.abs(np.subtract(box, truth)).max() <= 3  # within a grid cell (2 px by 1 px) plus resampling
+        moved_any |= new_answer != answer
+    assert moved_any
+    assert augment_example(image, "yes", Augmentation(), random.Random(0))[1] == "yes"
+    # a box that no zoom/shift keeps inside the frame leaves the example as it was
+    edge = grammar.render_box((0, 0, 199, 99), 200, 100)
+    assert augment_example(image, edge, Augmentation(zoom=(1.5, 2.0)), random.Random(0)) == (image, edge)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from training.augment import Augmentation
 
 CONFIG_FILE = "config.json"
 LATEST_FILE = "latest.json"
@@ -110,7 +111,9 @@ class FitConfig:
     train: str = "lora"  # "lora": llama_proj + LoRA (upstream); "all": every parameter but LoRA (stage 0)
     grad_clip: float | None = None  # max gradient norm; upstream clips nothing
     patch_grounding: float = 0.0  # weight of stage 0's patch-level box loss (training.patch_grounding); 0 = off
+    answer_value: float = 0.0  # weight of stage 0's answer-number regression (training.answer_value); 0 = off
     inference_layout_share: float = 0.0  # stage 0: share of rows trained on generate's prompt layout (two BOS)
+    augment: Augmentation | None = None  # random zoom + shift of each example, boxes moved along (training.augment)
     hash_base_files: bool = False  # sha256 of the base files in every model folder (minutes for a 13 GB LLaMA)
     stage: str = ""  # a name for logs, e.g. "pancreas_detection"
     description: str = ""
@@ -312,6 +315,26 @@ def _fraction(where: str, value: Any) -> float:
     return float(value)
 
 
+def _augmentation(where: str, value: Any) -> Augmentation | None:
+    """null/false: off; true: the default ranges; {"zoom": [low, high], "shift": fraction}: these ranges."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Augmentation()
+    if not isinstance(value, dict) or set(value) - {"zoom", "shift"}:
+        raise FitConfigError(f"{where} must be true, false or {{\"zoom\": [low, high], \"shift\": fraction}}, "
+                             f"got {value!r}.")
+    defaults = Augmentation()
+    zoom = value.get("zoom", list(defaults.zoom))
+    if (not isinstance(zoom, list) or len(zoom) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                             for v in zoom) or not 0.25 <= zoom[0] <= zoom[1] <= 4):
+        raise FitConfigError(f"{where}.zoom must be [low, high] with 0.25 <= low <= high <= 4, got {zoom!r}.")
+    shift = _fraction(f"{where}.shift", value.get("shift", defaults.shift))
+    if shift > 0.5:
+        raise FitConfigError(f"{where}.shift must be at most 0.5 (half the image), got {shift!r}.")
+    return Augmentation(zoom=(float(zoom[0]), float(zoom[1])), shift=shift)
+
+
 def _train_mode(where: str, value: Any) -> str:
     if value not in TRAIN_MODES:
         raise FitConfigError(f"{where} must be one of {', '.join(TRAIN_MODES)}, got {value!r}.")
@@ -333,8 +356,8 @@ _RUN_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _non_negative_int, "max_steps": _number(0, True, True, optional=True), "device": _text,
     "num_workers": _non_negative_int, "log_every": _positive_int, "gradient_checkpointing": _flag,
     "hash_base_files": _flag, "stage": partial(_text, allow_empty=True), "train": _train_mode,
-    "grad_clip": _number(0, strict=True, optional=True), "patch_grounding": _number(0),
-    "inference_layout_share": _fraction,
+    "grad_clip": _number(0, strict=True, optional=True), "patch_grounding": _number(0), "answer_value": _number(0),
+    "inference_layout_share": _fraction, "augment": _augmentation,
     "description": partial(_text, allow_empty=True),
 }
 

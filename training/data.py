@@ -9,6 +9,8 @@ upstream's loaders draw them (docs/upstream.md sections 4.6 and 5.1).
   the batch comes from that dataset alone. Each dataset is an endless sequence of passes; a pass is a seeded
   shuffle of its entries, split over the processes, cut into full batches (the incomplete last one is dropped),
   as upstream's `IterLoader(DataLoader(DistributedSampler(shuffle=True), drop_last=True))`.
+* With `augment` on (training.augment), each example's slice is zoomed and shifted at random and its boxes moved
+  with it, drawn from a seed of its own (seed, rank, example number), so threads cannot change what is drawn.
 * All randomness comes from `random.Random` objects seeded by (seed, rank); `state_dict` captures them, so a
   resumed run draws exactly the batches and prompts an uninterrupted one would.
 """
@@ -28,6 +30,7 @@ from PIL import Image
 
 from backend.image import preprocess_image
 from backend.prompts import caption_text, sample_refer_instruction, sample_tc_instruction
+from training.augment import Augmentation, augment_example
 from training.config import DatasetSpec
 
 YES_NO = ("yes", "no")
@@ -139,36 +142,47 @@ class TrainingData:
     """Batches for `fit`: datasets + sampler + prompt rng + threaded image decoding."""
 
     def __init__(self, specs: Sequence[DatasetSpec], batch_size: int, image_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 augment: Augmentation | None = None) -> None:
         self.datasets = [TaskDataset(spec) for spec in specs]
         self.sampler = MultiTaskSampler([len(d) for d in self.datasets], [s.sample_ratio for s in specs],
                                         batch_size, seed, rank, world_size, [str(s.task_file) for s in specs])
         self.image_size = image_size
         self.prompt_rng = random.Random(f"{seed}/{rank}/prompts")
+        self.augment, self.augment_seed, self.examples_drawn = augment, f"{seed}/{rank}/augment", 0
         self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
 
     def next_batch(self) -> Batch:
         dataset, indices = self.sampler.next()
         source = self.datasets[dataset]
         pairs = [training_example(source.entries[i], self.prompt_rng) for i in indices]
-        paths = [source.image_paths[i] for i in indices]
-        images = self._pool.map(self._load, paths) if self._pool else map(self._load, paths)
-        return Batch(torch.stack(list(images)), [p[0] for p in pairs], [p[1] for p in pairs], dataset,
-                     [source.entries[i].get("phrase") for i in indices])
+        # one seed per example (not one shared rng), so the threads' order cannot change what is drawn
+        seeds = [f"{self.augment_seed}/{self.examples_drawn + k}" for k in range(len(indices))]
+        self.examples_drawn += len(indices)
+        work = [(source.image_paths[i], pair[1], seed) for i, pair, seed in zip(indices, pairs, seeds)]
+        loaded = list(self._pool.map(self._load, work) if self._pool else map(self._load, work))
+        return Batch(torch.stack([image for image, _ in loaded]), [p[0] for p in pairs],
+                     [answer for _, answer in loaded], dataset, [source.entries[i].get("phrase") for i in indices])
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _load(self, work: tuple[Path, str, str]) -> tuple[torch.Tensor, str]:
+        """([3, S, S] model input, answer) of one example, both moved by the augmentation when it is on."""
+        path, answer, seed = work
         try:
             with Image.open(path) as image:
-                return preprocess_image(image, self.image_size)  # [3, S, S]
+                if self.augment is not None:
+                    image, answer = augment_example(image.convert("RGB"), answer, self.augment, random.Random(seed))
+                return preprocess_image(image, self.image_size), answer
         except OSError as error:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot read image {path}: {error}. Re-run `prepare` for its volume.") from error
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "prompt_rng": self.prompt_rng.getstate()}
+        return {"sampler": self.sampler.state_dict(), "prompt_rng": self.prompt_rng.getstate(),
+                "examples_drawn": self.examples_drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.prompt_rng.setstate(_as_random_state(state["prompt_rng"]))
+        self.examples_drawn = state.get("examples_drawn", 0)
 
     def close(self) -> None:
         if self._pool is not None:

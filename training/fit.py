@@ -44,6 +44,7 @@ from training.base_weights import ScratchSizes, write_initial_base, write_traine
 from training.config import (LATEST_FILE, LOG_FILE, SCRATCH_FOLDER, FitConfig, FitConfigError, checkpoint_name,
                              model_dir_name, prepare_output_dir, resolve_previous_stage)
 from training.data import TrainingData
+from training.answer_value import AnswerValueLoss
 from training.patch_grounding import PatchGroundingLoss
 
 
@@ -95,7 +96,7 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # every task entry and image is checked before anything is written or the (slow) model is loaded
     data = TrainingData(cfg.datasets, cfg.batch_size, starting_image_size(cfg), cfg.seed, procs.rank,
-                        procs.world_size, cfg.num_workers)
+                        procs.world_size, cfg.num_workers, cfg.augment)
     latest = _broadcast(prepare_output_dir(cfg, resume, force) if procs.rank == 0 else None, procs)
     torch.manual_seed(cfg.seed + procs.rank)  # upstream: seed + rank; LoRA dropout draws from it
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
@@ -105,7 +106,7 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
         _train_every_base_parameter(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model.llama_model)
-    trained = _LossModule(model, PatchGroundingLoss(model) if cfg.patch_grounding else None, cfg.patch_grounding)
+    trained = _LossModule(model, cfg)
     optimizer = build_optimizer(trained, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     step = restore_checkpoint(cfg.output_dir / latest["checkpoint"], trained, optimizer, scaler, data, procs) \
@@ -153,19 +154,31 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
 
 
 class _LossModule(nn.Module):
-    """What one step minimises: the answer loss, plus stage 0's patch-grounding loss when it is on. A module, so
-    that DistributedDataParallel synchronises the gradients of both and the optimizer sees the head too."""
+    """What one step minimises: the answer loss, plus stage 0's auxiliary losses when they are on (their weights
+    in the config). A module, so that DistributedDataParallel synchronises every gradient and the optimizer sees
+    the auxiliary heads too."""
 
-    def __init__(self, model: MiniGPTv2, grounding: PatchGroundingLoss | None = None, weight: float = 0.0) -> None:
+    def __init__(self, model: MiniGPTv2, cfg: FitConfig) -> None:
         super().__init__()
-        self.model, self.grounding, self.weight = model, grounding, weight
+        self.model, self.cfg = model, cfg
+        self.grounding = PatchGroundingLoss(model) if cfg.patch_grounding else None
+        self.answer_value = AnswerValueLoss(model) if cfg.answer_value else None
 
     def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str],
                 phrases: list[str | None], inference_layout: list[bool] | None) -> torch.Tensor:
-        loss = self.model.training_loss(pixels, instructions, answers, inference_layout)
+        output = self.model.training_forward(pixels, instructions, answers, inference_layout,
+                                             keep_hidden=self.answer_value is not None)
+        loss = output.loss
         if self.grounding is not None:
-            loss = loss + self.weight * self.grounding(phrases, answers)
+            loss = loss + self.cfg.patch_grounding * self.grounding(phrases, answers)
+        if self.answer_value is not None:
+            loss = loss + self.cfg.answer_value * self.answer_value(output)
         return loss
+
+    def auxiliary_heads(self) -> dict[str, nn.Module]:
+        """The heads of the auxiliary losses that are on: kept in checkpoints for resuming, never exported."""
+        return {name: loss.head for name, loss in (("grounding", self.grounding), ("answer_value", self.answer_value))
+                if loss is not None}
 
 
 # ---------------------------------------------------------------------------------- device, precision, model
@@ -252,7 +265,7 @@ def upstream_state(model: MiniGPTv2) -> dict[str, torch.Tensor]:
 def save_checkpoint(cfg: FitConfig, step: int, trained: _LossModule, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, data: TrainingData, procs: Processes) -> dict[str, Any]:
     """Write model_epoch_{e}/, then checkpoint_{e}.pth, then latest.json (rank 0); return latest.json's record.
-    The patch-grounding head (stage 0) is kept in the checkpoint for resuming, never in the model folder."""
+    The auxiliary heads (stage 0) are kept in the checkpoint for resuming, never in the model folder."""
     model = trained.model
     epoch = (step - 1) // cfg.iters_per_epoch
     random_states = _gather({"data": data.state_dict(), "torch": torch.get_rng_state(),
@@ -267,7 +280,7 @@ def save_checkpoint(cfg: FitConfig, step: int, trained: _LossModule, optimizer: 
             staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         payload = {"model": upstream_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                    "epoch": epoch, "config": cfg.to_dict(), "step": step, "random_states": random_states,
-                   "grounding_head": trained.grounding.head.state_dict() if trained.grounding else None}
+                   "auxiliary_heads": {name: head.state_dict() for name, head in trained.auxiliary_heads().items()}}
         atomic_write(out / record["checkpoint"], lambda temporary: torch.save(payload, temporary))
         atomic_write_bytes(out / LATEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
     _barrier(procs)
@@ -279,8 +292,8 @@ def restore_checkpoint(path: Path, trained: _LossModule, optimizer: torch.optim.
     """Load a checkpoint written by `save_checkpoint` into the run's objects; return its step."""
     state = load_torch_file(path, "fit checkpoint")
     model = trained.model
-    if trained.grounding is not None:
-        trained.grounding.head.load_state_dict(state["grounding_head"])
+    for name, head in trained.auxiliary_heads().items():
+        head.load_state_dict(state["auxiliary_heads"][name])
     parameters = model.state_dict(keep_vars=True)
     names = {name: to_internal_name(name, model.config.lora_target_modules) for name in state["model"]}
     missing = sorted(set(model.trainable_state_dict()) - set(state["model"]))
