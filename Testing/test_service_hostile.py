@@ -167,6 +167,8 @@ def test_a_full_queue_is_refused_before_the_body_is_read_with_a_retry_after_from
         assert head.startswith("HTTP/1.1 503")
         retry_after = int(head.lower().split("retry-after:")[1].split()[0])
         assert retry_after <= 2  # 5 calls ahead at a fraction of a second each, not 5 guessed seconds
+        with server.client() as late, pytest.raises(c.ServerBusyError):  # sending its body anyway, it hears why
+            late.query_slice(_slice(0, (2048, 2048)), REFER, (1.0, 1.0))
         gate.open()
         assert all(future.result(WAIT_S).model_id == "tiny-test" for future in waiting)
         for client in clients:
