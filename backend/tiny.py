@@ -67,7 +67,9 @@ def tiny_corpus_lines() -> list[str]:
     boxes = [_box((i, (7 * i + 3) % 100, (13 * i + 5) % 100, (31 * i + 11) % 100)) for i in range(100)]
     texts += [prompts.training_answer(box) for box in boxes]
     texts += [f"<p>{phrase}</p> {boxes[i]}<delim>{boxes[-1 - i]}" for i, phrase in enumerate(phrases)]
-    texts += [prompts.training_answer(answer) for answer in ("yes", "no", "Yes", "No")]
+    # yes/no answers often enough that each spelling becomes ONE piece, as in LLaMA-2's vocabulary ("▁yes", "▁No"):
+    # the yes/no probability reads the first answer token, which must be the whole word.
+    texts += [prompts.training_answer(answer) for answer in ("yes", "no", "Yes", "No")] * 40
     # "$$" (upstream's pad) must become an ordinary piece: frequent, and also between digits so that the pair
     # "$" "$" is merged on its own and not only as "▁$$".
     texts += [f"{PAD_TEXT} {i % 10}{PAD_TEXT}{PAD_TEXT}{i % 7} a{PAD_TEXT}b" for i in range(100)]
