@@ -135,3 +135,10 @@ def test_decoding_uses_cache_objects_not_deprecated_past_key_values(tiny, ct_sli
         warnings.simplefilter("error", FutureWarning)  # transformers' deprecation of `past_key_values`
         result = plain_answer(tiny, ct_slices[0], PANCREAS_QUESTION, max_new_tokens=4)
     assert len(result.token_ids[0]) >= 1
+
+
+def test_auto_batch_size_fits_the_model_in_memory(demo, tiny):
+    assert InferenceEngine(demo, batch_size="auto").batch_size == 64  # a tiny model: the limit, not the memory
+    assert InferenceEngine(tiny, batch_size="auto").batch_size == 64
+    with pytest.raises(ValueError, match="or 'auto'"):
+        InferenceEngine(demo, batch_size="many")

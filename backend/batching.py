@@ -89,3 +89,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(L-1), V]
     shift_labels = labels[:, 1:].reshape(-1)  # [B*(L-1)]
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+AUTO_BATCH_LIMIT = 64  # beyond this, larger batches stop paying on any device tried
+CPU_BATCH_MEMORY = 1 << 30  # bytes a CPU batch may use besides the weights
+
+
+def auto_batch_size(model, max_new_tokens: int = 20, text_tokens: int = 64) -> int:
+    """Slices per model call sized to memory: each row holds its KV cache (prompt + answer), one layer's float32
+    MLP activations during the prompt pass, and the vision tower's largest activations; the budget is half the free
+    GPU memory (the rest for the allocator and the logits), or `CPU_BATCH_MEMORY` on the CPU."""
+    llm, vision = model.llama_model.config, model.config.vision
+    tokens = model.config.image_tokens + text_tokens + max_new_tokens
+    element = model.llama_model.get_input_embeddings().weight.element_size()
+    kv_cache = 2 * llm.num_hidden_layers * tokens * llm.hidden_size * element
+    prompt_pass = 2 * tokens * llm.intermediate_size * 4
+    tower = 4 * (vision.num_patches + 1) * vision.mlp_hidden * 4
+    if model.device.type == "cuda":
+        budget = torch.cuda.mem_get_info(model.device)[0] // 2
+    else:
+        budget = CPU_BATCH_MEMORY
+    return int(max(1, min(AUTO_BATCH_LIMIT, budget // (kv_cache + prompt_pass + tower))))

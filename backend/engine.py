@@ -30,6 +30,7 @@ from backend.answers import (
     BoxGrammarConstraint, DetectedBox, SliceResult, asks_yes_no, to_slice_result, yes_no_token_ids,
     yes_probability,
 )
+from backend.batching import auto_batch_size
 from backend.decoding import BoxDrafter, SamplingOptions
 from backend.image import preprocess_image
 from backend.image_cache import EmbeddingCache, image_key
@@ -56,17 +57,20 @@ class EngineCancelled(RuntimeError):
 class InferenceEngine:
     """Batched question answering on CT slices with one loaded `MiniGPTv2`."""
 
-    def __init__(self, model, *, batch_size: int = 8, box_decoding: str = "center", image_variant: str = "window",
+    def __init__(self, model, *, batch_size: int | str = 8, box_decoding: str = "center", image_variant: str = "window",
                  model_id: str | None = None, precision: str | None = None, synthetic: bool = False,
                  image_cache_bytes: int = 1 << 30) -> None:
-        """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). box_decoding: "center" (the middle
+        """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). batch_size: slices per model call, or
+        "auto": sized to memory (`backend.batching.auto_batch_size`). box_decoding: "center" (the middle
         of the grid cell) or "floor" (upstream's evaluation). image_variant: the intensity rule of
         `SlicerMiniGPTPancreas.preprocess` ("window" = upstream HEAD, "paper"). precision: how the weights are
         held, for reports (default: the model's compute dtype, e.g. "float32"). synthetic: the model was trained
         on synthetic data only (a demonstration model; the service reports it). image_cache_bytes: how much
         memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question."""
+        if batch_size == "auto":
+            batch_size = auto_batch_size(model)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise EngineError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+            raise EngineError(f"batch_size must be a whole number >= 1 or 'auto', got {batch_size!r}.")
         if isinstance(image_cache_bytes, bool) or not isinstance(image_cache_bytes, int) or image_cache_bytes < 0:
             raise EngineError(f"image_cache_bytes must be a whole number >= 0, got {image_cache_bytes!r}.")
         if box_decoding not in BOX_DECODINGS:
@@ -90,7 +94,7 @@ class InferenceEngine:
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                       quantization: str | None = None, batch_size: int = 8, box_decoding: str = "center",
+                       quantization: str | None = None, batch_size: int | str = 8, box_decoding: str = "center",
                        image_variant: str = "window", model_id: str | None = None) -> "InferenceEngine":
         """Load a model folder (`backend.load_model`) and wrap it. dtype: None = float32 on the CPU, bfloat16 on
         a GPU that supports it, else float16; or "float32" / "float16" / "bfloat16" / a torch dtype.
@@ -206,7 +210,7 @@ class InferenceEngine:
 
 def load_engine(*, model_dir: str | os.PathLike | None = None, upstream: Sequence[str | os.PathLike] | None = None,
                 image_size: int = 448, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                quantization: str | None = None, batch_size: int = 8) -> "InferenceEngine":
+                quantization: str | None = None, batch_size: int | str = 8) -> "InferenceEngine":
     """An engine from our model folder, or from upstream's (eva_vit_g.pth, LLaMA folder, MiniGPT .pth); the one
     loader behind `predict`, `serve` and `evaluate`. `device` "auto" picks CUDA when PyTorch sees a GPU."""
     if (model_dir is None) == (upstream is None):

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="default auto: float32 on the CPU")
     parser.add_argument("--slices", type=int, default=32, metavar="N", help="slices of the synthetic CT (default 32)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="engine slices per call (default 8)")
+    parser.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N",
+                        help="engine slices per call, or auto (default): sized to memory")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="per answer (default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--true-size", action="store_true",
@@ -30,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option, value in (("--slices", args.slices), ("--batch-size", args.batch_size),
-                          ("--max-new-tokens", args.max_new_tokens)):
+    for option, value in (("--slices", args.slices), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise ModelSourceError(f"{option} must be at least 1, got {value}.")
     if args.true_size:
@@ -52,6 +52,15 @@ def run(args: argparse.Namespace) -> int:
               "image_size": engine.image_size, "batch_size": engine.batch_size, **result.to_dict()}
     print(json.dumps(report, indent=2) if args.json else _text(report))
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    """argparse type of --batch-size: auto or a whole number >= 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number >= 1")
+    return int(text)
 
 
 def _text(report: dict) -> str:
