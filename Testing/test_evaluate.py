@@ -25,7 +25,8 @@ from SlicerMiniGPTPancreas.grammar import render_box
 from SlicerMiniGPTPancreas.metrics import evaluate_detection
 from small_prepared import prepare_small_msd
 from training.cli import main
-from training.evaluate import EvaluateError, evaluate, run_settings
+from training.evaluate import evaluate, run_settings
+from training.evaluate_tasks import EvaluateError
 from training.evaluate_scoring import roc_auc
 
 TASKS = ("pancreas_detection_balanced_msd", "pancreas_detection_msd", "tumor_classification",

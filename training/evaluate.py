@@ -23,73 +23,28 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from training.evaluate_baseline import add_baselines
+from training.evaluate_figures import DEFAULT_EXAMPLES, FIGURE_FILES, remove_examples, write_figures
+from training.evaluate_report import REPORT_FILES, write_reports
+from training.evaluate_scoring import score_all
+from training.evaluate_tasks import (
+    TRAINING_PROMPT_SUFFIX, EvaluateError, TaskSet, entry_prompt, prompts_used, with_training_prompts,
+)
 
 COMMAND_NAME = "minigpt-pancreas-train evaluate"
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 TEST_SUFFIX = "_test.json"
-DEFAULT_EXAMPLES = 6  # example overlays per detection task
 # run.json keys that must match for saved predictions to be reused (the prepared folder may move).
 _SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts")
 _DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
 _YES_NO_KEYS = ("q_id", "image", "answer")
-TRAINING_PROMPT_SUFFIX = "@training_prompt"  # a yes/no task asked with a training prompt
 
 Progress = Callable[[str, int, int], None]  # (task, entries answered so far, entries of the task)
-
-
-class EvaluateError(ValueError):
-    """The evaluation cannot run as asked (unknown task, missing images, predictions of another run...)."""
-
-
-@dataclass(frozen=True)
-class TaskSet:
-    """The test entries of one task (in file order, optionally the first `limit`) and how they are asked."""
-
-    name: str
-    kind: str  # "detection" (entries carry phrase + bbox) or "yes_no"
-    entries: list[dict[str, Any]]
-
-    @property
-    def source(self) -> str:
-        """The prepared task whose files hold the entries."""
-        return self.name.removesuffix(TRAINING_PROMPT_SUFFIX)
-
-
-def prompts_used() -> dict[str, str]:
-    """Upstream's fixed evaluation prompts (the refer one is formatted with each entry's phrase), and the
-    training prompt yes/no tasks are asked with too."""
-    from backend import prompts
-    from backend.cascade_sweep import TUMOUR_QUESTION
-
-    return {"refer": prompts.REFER_EVAL_TEMPLATE, "yes_no": prompts.TC_EVAL_PROMPT,
-            "yes_no_training": TUMOUR_QUESTION}
-
-
-def entry_prompt(task: TaskSet, entry: dict[str, Any]) -> str:
-    """The question asked about one entry."""
-    templates = prompts_used()
-    if task.kind == "detection":
-        return templates["refer"].format(entry["phrase"])
-    return templates["yes_no_training"] if task.name != task.source else templates["yes_no"]
-
-
-def with_training_prompts(tasks: list[TaskSet]) -> list[TaskSet]:
-    """`tasks`, each yes/no task followed by itself asked with the training prompt (once)."""
-    names = {task.name for task in tasks}
-    extended = []
-    for task in tasks:
-        extended.append(task)
-        twin = task.source + TRAINING_PROMPT_SUFFIX
-        if task.kind == "yes_no" and twin not in names:
-            extended.append(TaskSet(twin, task.kind, task.entries))
-            names.add(twin)
-    return extended
 
 
 # ------------------------------------------------------------------------------------------------ task sets
@@ -289,9 +244,6 @@ def start_run(out: Path, settings: dict[str, Any], force: bool = False) -> None:
 
 def _clear(out: Path) -> None:
     """Delete this command's files in `out` (and nothing else)."""
-    from training.evaluate_figures import FIGURE_FILES, remove_examples
-    from training.evaluate_report import REPORT_FILES
-
     for name in (RUN_FILE, *REPORT_FILES, *FIGURE_FILES):
         (out / name).unlink(missing_ok=True)
     remove_examples(out)
@@ -335,11 +287,6 @@ def rescore(out: Path, prepared: Path | None = None, tasks: Sequence[str] | None
 
 def _score_and_report(out: Path, prepared: Path, task_sets: list[TaskSet], run: dict[str, Any],
                       examples: int) -> dict[str, Any]:
-    from training.evaluate_baseline import add_baselines
-    from training.evaluate_figures import write_figures
-    from training.evaluate_report import write_reports
-    from training.evaluate_scoring import score_all
-
     predictions = {task.name: checked_predictions(out, task) for task in task_sets}
     metrics, ious = score_all(task_sets, predictions)
     add_baselines(metrics, prepared, task_sets)

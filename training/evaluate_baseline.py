@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from SlicerMiniGPTPancreas.metrics import Variant, box_iou, is_hit, weighted_mean
-from training.evaluate import TaskSet
+from training.evaluate_tasks import TaskSet
 from training.evaluate_scoring import balanced_task, yes_no_rates
 
 BOX_LABEL = "fixed box (mean training box)"

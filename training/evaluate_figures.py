@@ -23,11 +23,12 @@ from PIL import Image, ImageDraw
 from backend.overlays import PREDICTION_COLOR, TRUTH_COLOR, OverlayBox, draw_overlay
 from SlicerMiniGPTPancreas.atomic import atomic_write
 from SlicerMiniGPTPancreas.metrics import SampleScore
-from training.evaluate import DEFAULT_EXAMPLES, TaskSet
 from training.evaluate_scoring import VARIANT_NAMES, strict_samples
+from training.evaluate_tasks import TaskSet
 
 HISTOGRAMS, HEATMAPS, EXAMPLES_DIR = "iou_histograms.png", "heatmaps.png", "examples"
 FIGURE_FILES = (HISTOGRAMS, HEATMAPS)
+DEFAULT_EXAMPLES = 6  # example overlays per detection task
 CANVAS = 100  # heat-map cells per side of the normalised slice
 EXAMPLE_WIDTH = 256
 CAPTION_HEIGHT = 16

@@ -25,7 +25,7 @@ import numpy as np
 from SlicerMiniGPTPancreas.metrics import (
     DetectionReport, MetricsError, SampleScore, Variant, combine_weighted, evaluate_detection, evaluate_yes_no,
 )
-from training.evaluate import EvaluateError, TaskSet
+from training.evaluate_tasks import EvaluateError, TaskSet
 from training.evaluate_confidence import confidence_vs_iou, mid_ranks
 
 VARIANTS = (Variant.E1, Variant.E2, Variant.E3, Variant.STRICT)

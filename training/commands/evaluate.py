@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
-from training.evaluate import DEFAULT_EXAMPLES
+from training.evaluate_figures import DEFAULT_EXAMPLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.evaluate import EvaluateError, check_run_folder, evaluate, rescore, resolve_tasks, run_settings
+    from training.evaluate import check_run_folder, evaluate, rescore, resolve_tasks, run_settings
+    from training.evaluate_tasks import EvaluateError
     from training.export import model_folder_of
 
     for option in ("max_new_tokens", "limit"):
