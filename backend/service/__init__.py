@@ -3,8 +3,8 @@ runs it.
 
 Modules: app (the factory and its lifespan), server (the uvicorn server: connection limits, graceful shutdown),
 routes (the endpoints of protocol.py), worker (the one engine thread and its bounded queues), jobs (sweep jobs),
-volumes (uploaded volumes in memory), bodies (reading bodies within limits), options (request options -> engine
-calls), answers (engine results -> protocol messages), security (token, API version, which hosts need a token),
+volumes (uploaded volumes in memory), bodies (reading bodies within limits), engine_calls (request options ->
+engine calls, engine results -> protocol messages), security (token, API version, which hosts need a token),
 errors (the error body, the last-resort handler), state (what the routes share).
 """
 

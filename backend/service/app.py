@@ -18,7 +18,7 @@ from backend.engine import InferenceEngine
 from SlicerMiniGPTPancreas import protocol as p
 
 from .errors import ApiError, busy, error_reply, install_error_handlers
-from .options import EngineVariants
+from .engine_calls import EngineVariants
 from .routes import api_router, health_router
 from .security import BearerAuth, check_token
 from .state import Service, ServiceLimits

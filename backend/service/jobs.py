@@ -17,7 +17,7 @@ from typing import Any
 
 from SlicerMiniGPTPancreas import protocol as p
 
-from .answers import query_response
+from .engine_calls import query_response
 from .errors import ApiError
 from .volumes import StoredVolume
 

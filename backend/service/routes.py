@@ -14,13 +14,12 @@ from fastapi.responses import JSONResponse
 
 from SlicerMiniGPTPancreas import protocol as p
 
-from .answers import chat_response, query_response
+from .engine_calls import chat_response, check_greedy, check_prompt, check_temperature, query_response
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
 )
 from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
-from .options import check_greedy, check_prompt, check_temperature
 from .security import check_client_version, require_token
 from .state import Service
 

@@ -11,7 +11,7 @@ from SlicerMiniGPTPancreas import protocol as p
 from .bodies import BodySlots
 from .errors import ApiError
 from .jobs import JobStore
-from .options import EngineVariants
+from .engine_calls import EngineVariants
 from .security import BearerAuth
 from .volumes import VolumeStore
 from .worker import EngineWorker
