@@ -1,6 +1,6 @@
 """Write phantoms as real files in the layouts the public datasets ship in (docs/datasets.md).
 
-- `write_msd`: MSD Task07_Pancreas (NIfTI images and labels, dataset.json, optional macOS `._*` junk).
+- `write_msd`: MSD Task07_Pancreas (NIfTI images and labels, dataset.json).
 - `write_abdomenct1k`: AbdomenCT-1K (image parts by case number, a mask folder of organ labels).
 - `write_nih`: NIH Pancreas-CT (one axial DICOM series per case, labels as NIfTI in another orientation).
 
@@ -10,7 +10,6 @@ folder and then renamed (a DICOM series: its whole case folder), so an interrupt
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -26,14 +25,10 @@ from SlicerMiniGPTPancreas.phantom import Phantom, direction_lps, reorient
 
 __all__ = [
     "SimpleITKMissingError", "PhantomWriteError", "to_sitk_image", "to_sitk_labels", "write_msd",
-    "write_abdomenct1k", "abdomenct1k_image_part", "write_nih", "write_corrupt_file", "NIH_LABELS_FOLDER",
-    "APPLE_DOUBLE_HEADER",
+    "write_abdomenct1k", "abdomenct1k_image_part", "write_nih", "NIH_LABELS_FOLDER",
 ]
 
 NIH_LABELS_FOLDER = "TCIA_pancreas_labels-02-05-2017"
-# The first bytes of a macOS AppleDouble file (magic 0x00051607, version 2, "Mac OS X" filler, 2 entries):
-# what the `._*` members of the MSD tar start with. Padded to 4 KiB with zeros like the real ones.
-APPLE_DOUBLE_HEADER = bytes.fromhex("00051607" "00020000") + b"Mac OS X        " + bytes.fromhex("0002")
 _UID_ROOT = "1.2.826.0.1.3680043.2.1125.1."  # GDCM's root, as in the NIH series' UIDs
 _STORED_RANGE = {"int16": (-32768, 32767, "1"), "uint16": (0, 65535, "0")}  # min, max, PixelRepresentation
 
@@ -91,12 +86,11 @@ def _case_ids(phantoms: Sequence[Phantom], start_index: int, case_ids: Sequence[
     return ids
 
 
-def write_msd(root, phantoms: Sequence[Phantom], start_index: int = 1, *, case_ids: Sequence[int] | None = None,
-              apple_double: bool = False) -> Path:
+def write_msd(root, phantoms: Sequence[Phantom], start_index: int = 1, *,
+              case_ids: Sequence[int] | None = None) -> Path:
     """Write `root/Task07_Pancreas/{imagesTr,labelsTr}/pancreas_XXX.nii.gz` and `dataset.json`; return the task dir.
 
     case_ids: explicit (possibly non-contiguous) case numbers instead of start_index, start_index+1, ...
-    apple_double: also write the macOS `._pancreas_XXX.nii.gz` junk the real archive holds, in both folders.
     dataset.json lists the cases written by this call.
     """
     task = Path(root) / "Task07_Pancreas"
@@ -106,10 +100,6 @@ def write_msd(root, phantoms: Sequence[Phantom], start_index: int = 1, *, case_i
         name = f"pancreas_{case_id:03d}.nii.gz"
         _write_nifti(to_sitk_image(phantom), task / "imagesTr" / name)
         _write_nifti(to_sitk_labels(phantom, "msd"), task / "labelsTr" / name)
-        if apple_double:
-            junk = APPLE_DOUBLE_HEADER.ljust(4096, b"\0")
-            atomic_write_bytes(task / "imagesTr" / f"._{name}", junk)
-            atomic_write_bytes(task / "labelsTr" / f"._{name}", junk)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     dataset = {
         "name": "Pancreas", "description": "Pancreas and cancer segmentation (synthetic phantom)",
@@ -259,11 +249,3 @@ def _swap_in(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     shutil.rmtree(retired, ignore_errors=True)
 
-
-def write_corrupt_file(path) -> Path:
-    """Write a truncated `.nii.gz` (a valid gzip start, cut mid-stream) at `path`, for error-path tests."""
-    path = Path(path)
-    header = b"\x5c\x01\x00\x00" + bytes(344)  # a NIfTI-1 sizeof_hdr of 348, the rest missing
-    compressed = gzip.compress(header + np.arange(4096, dtype=np.int16).tobytes())
-    atomic_write_bytes(path, compressed[: len(compressed) // 2])
-    return path

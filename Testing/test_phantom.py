@@ -394,9 +394,10 @@ def test_the_same_seed_is_the_same_patient_on_any_grid():
 # ---------------------------------------------------------------- writers
 
 sitk = pytest.importorskip("SimpleITK")
+from broken_files import APPLE_DOUBLE_HEADER, write_apple_doubles, write_corrupt_file  # noqa: E402
+
 from SlicerMiniGPTPancreas.phantom_writers import (  # noqa: E402
-    APPLE_DOUBLE_HEADER, PhantomWriteError, SimpleITKMissingError, write_abdomenct1k, write_corrupt_file,
-    write_msd, write_nih,
+    PhantomWriteError, SimpleITKMissingError, write_abdomenct1k, write_msd, write_nih,
 )
 
 
@@ -420,7 +421,8 @@ def two_phantoms():
 
 
 def test_msd_layout_json_and_round_trip(tmp_path, two_phantoms):
-    task = write_msd(tmp_path, two_phantoms, case_ids=[3, 17], apple_double=True)
+    task = write_msd(tmp_path, two_phantoms, case_ids=[3, 17])
+    write_apple_doubles(task)
     assert task == tmp_path / "Task07_Pancreas"
     names = ["pancreas_003.nii.gz", "pancreas_017.nii.gz"]
     assert files_under(task) == sorted(["dataset.json"] + [f"{folder}/{prefix}{name}" for folder in

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from SlicerMiniGPTPancreas.phantom import make_phantom
-from SlicerMiniGPTPancreas.phantom_writers import write_abdomenct1k, write_corrupt_file, write_msd, write_nih
+from SlicerMiniGPTPancreas.phantom_writers import write_abdomenct1k, write_msd, write_nih
 from training.cli import main
+from broken_files import write_apple_doubles, write_corrupt_file
 
 SMALL = {"size_mm": (150.0, 120.0, 80.0), "spacing": (3.0, 4.0, 5.0)}
 MSD_ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "ASL", "LSP")
@@ -32,7 +33,8 @@ def datasets(tmp_path_factory):
     """Three dataset roots with the quirks of the real ones, and a config naming them."""
     base = tmp_path_factory.mktemp("data")
     msd = [_phantom(20 + n, code) for n, code in enumerate(MSD_ORIENTATIONS)]
-    task = write_msd(base / "msd", msd, apple_double=True)
+    task = write_msd(base / "msd", msd)
+    write_apple_doubles(task)
     write_corrupt_file(task / "imagesTr" / "pancreas_099.nii.gz")  # its label is fine, the image is not
     shutil.copy(task / "labelsTr" / "pancreas_001.nii.gz", task / "labelsTr" / "pancreas_099.nii.gz")
     # NIH case 1 is MSD volume 1 re-stored as DICOM (an exact duplicate across datasets)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from SlicerMiniGPTPancreas.phantom import make_phantom, reorient
-from SlicerMiniGPTPancreas.phantom_writers import write_abdomenct1k, write_corrupt_file, write_msd, write_nih
+from SlicerMiniGPTPancreas.phantom_writers import write_abdomenct1k, write_msd, write_nih
 from training.prepare.discovery import discover
 from training.prepare.files import PrepareError, VolumeError
 from training.prepare.readers import read_dicom_series, read_image, read_label, read_nifti
+from broken_files import write_apple_doubles, write_corrupt_file
 
 SMALL = {"size_mm": (120.0, 120.0, 60.0), "spacing": (4.0, 4.0, 5.0)}
 
@@ -87,7 +88,8 @@ def test_nifti_reader_names_a_corrupt_or_missing_file(tmp_path):
 
 
 def test_msd_discovery_skips_macos_files_and_reports_a_missing_label(tmp_path):
-    task = write_msd(tmp_path, [_phantom(1), _phantom(2)], case_ids=[4, 17], apple_double=True)
+    task = write_msd(tmp_path, [_phantom(1), _phantom(2)], case_ids=[4, 17])
+    write_apple_doubles(task)
     (task / "labelsTr" / "pancreas_017.nii.gz").unlink()
     found = discover("msd", tmp_path)
     assert [s.volume for s in found.sources] == ["pancreas_004"]
