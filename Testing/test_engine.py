@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backend.answers import (
-    BoxGrammarConstraint, asks_yes_no, complete_box, to_slice_result, viable_box_prefix,
+    BoxGrammarConstraint, asks_yes_no, complete_box, to_slice_result, viable_box_prefix, yes_no_token_ids,
 )
 from backend.checkpoint_io import CheckpointError
 from backend.checkpoints import load_upstream
@@ -123,10 +123,11 @@ def test_yes_probability_is_the_softmax_of_the_yes_and_no_logits(model, slices):
     questions = [TUMOUR_YES_NO, "[vqa] is there a tumor?", REFER]
     results = InferenceEngine(model, batch_size=2).run(slices[:3], questions)
     logits = model.first_token_logits(model_input(slices[:3], model.config.vision.image_size), questions)  # [3, V]
-    yes_id, no_id = model.tokenizer.encode("yes")[0], model.tokenizer.encode("no")[0]
-    assert pieces_of(model.tokenizer, [yes_id]) == ["▁y"]  # the tiny vocabulary splits "yes" as "▁y" "es"
+    yes_ids, no_ids = yes_no_token_ids(model.tokenizer)  # every single-token spelling of each word
+    assert pieces_of(model.tokenizer, model.tokenizer.encode("yes")[:1]) == ["▁yes"]  # one piece, as in LLaMA-2
     for row in range(2):
-        expected = math.exp(logits[row, yes_id]) / (math.exp(logits[row, yes_id]) + math.exp(logits[row, no_id]))
+        yes, no = (math.log(sum(math.exp(logits[row, i]) for i in ids)) for ids in (yes_ids, no_ids))
+        expected = math.exp(yes) / (math.exp(yes) + math.exp(no))
         assert results[row].yes_probability == pytest.approx(expected, abs=1e-5)
         assert 0 < results[row].yes_probability < 1
     assert results[2].yes_probability is None  # a refer prompt is no yes/no question
