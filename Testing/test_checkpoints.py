@@ -234,7 +234,7 @@ def test_model_folder_round_trip(files, model, tmp_path, pixels):
     torch.testing.assert_close(loaded.first_token_logits(pixels, QUESTIONS),
                                model.first_token_logits(pixels, QUESTIONS), rtol=0, atol=0)
     assert loaded.config == model.config
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CheckpointError, match="already holds a model"):
         save_model_dir(model, folder)
 
 

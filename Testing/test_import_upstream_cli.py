@@ -80,7 +80,8 @@ def test_broken_input_gives_an_error_line_not_a_traceback(files, tmp_path, capsy
     args[args.index("--checkpoint") + 1] = str(broken)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read MiniGPT checkpoint") and "broken.pth" in err
+    assert err.startswith("minigpt-pancreas import-upstream: error: cannot read MiniGPT checkpoint")
+    assert "broken.pth" in err and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "model").exists()
     assert main(["info", str(broken)]) == 2
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from SlicerMiniGPTPancreas.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A model file or folder is missing, unreadable or does not hold the expected tensors.
 
     The message names the file, lists what is wrong (every missing or mis-shaped tensor) and says what to do.

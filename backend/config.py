@@ -13,8 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from SlicerMiniGPTPancreas.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A model configuration is inconsistent or cannot be read; the message says which value and why."""
 
 

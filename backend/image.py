@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError, ValueError):
     """The object given as an image cannot be turned into the model's input."""
 
 

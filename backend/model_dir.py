@@ -48,7 +48,7 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
 
     folder = Path(out_dir)
     if (folder / MANIFEST_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{folder} already holds a model; choose another folder or pass overwrite=True.")
+        raise CheckpointError(f"{folder} already holds a model; choose another folder or pass overwrite=True.")
     base = base or getattr(model, "base_files", None)
     if base is None:
         raise CheckpointError("this model does not know its base files; build it with load_upstream or load_model.")

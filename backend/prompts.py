@@ -11,6 +11,8 @@ import random
 import re
 from collections.abc import Sequence
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_BLOCK = "<Img><ImageHere></Img>"
 PROMPT_TEMPLATE = "[INST] {} [/INST]"  # MiniGPT-v2 `prompt_template`, applied in training (`chat_template: True`)
@@ -62,7 +64,7 @@ _CAPTION_SPACES = re.compile(r"\s{2,}")
 CAPTION_MAX_WORDS = 50
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt or question cannot be rendered the upstream way."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from SlicerMiniGPTPancreas.errors import UserError
 
 MODEL_FILE_NAME = "tokenizer.model"
 BOS_TEXT, EOS_TEXT, UNK_TEXT = "<s>", "</s>", "<unk>"
@@ -38,7 +39,7 @@ PAD_TEXT = "$$"  # upstream: llama_tokenizer.pad_token = "$$" (an ordinary piece
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in (BOS_TEXT, EOS_TEXT, UNK_TEXT)) + ")")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file is missing or unusable, or ids/arguments are invalid."""
 
 

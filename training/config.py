@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation
 
 CONFIG_FILE = "config.json"
@@ -40,7 +41,7 @@ TRAIN_MODES = ("lora", "all")  # upstream's LoRA recipe, or every base parameter
 _NOT_IDENTITY = ("output_dir", "max_steps", "device", "num_workers", "log_every", "description")
 
 
-class FitConfigError(ValueError):
+class FitConfigError(UserError, ValueError):
     """The fit configuration is invalid or does not match the output folder; the message names the key."""
 
 

@@ -30,13 +30,14 @@ from PIL import Image
 
 from backend.image import preprocess_image
 from backend.prompts import caption_text, sample_refer_instruction, sample_tc_instruction
+from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation, augment_example
 from training.config import DatasetSpec
 
 YES_NO = ("yes", "no")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A task file, one of its entries or one of its images cannot be used; the message names it."""
 
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from backend import prompts
 from backend.cascade_sweep import TUMOUR_QUESTION
+from SlicerMiniGPTPancreas.errors import UserError
 
 TRAINING_PROMPT_SUFFIX = "@training_prompt"  # a yes/no task asked with a training prompt
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError, ValueError):
     """The evaluation cannot run as asked (unknown task, missing images, predictions of another run...)."""
 
 

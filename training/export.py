@@ -31,6 +31,7 @@ from backend.checkpoint_io import sha256_of
 from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, check_base_files, read_manifest
 from backend.output_folder import staged_folder
 from backend.tokenizer import MODEL_FILE_NAME
+from SlicerMiniGPTPancreas.errors import UserError
 from training.config import LATEST_FILE, model_dir_name
 
 VIT_FILE = "base/eva_vit.pth"
@@ -39,7 +40,7 @@ _CHUNK_BYTES = 16 << 20
 _MAX_MODEL_ID = 200  # the protocol's limit on model ids
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot run as asked (a broken source, an occupied --out, a bad --model-id)."""
 
 

@@ -8,7 +8,6 @@ and sha256 (not copied).
 from __future__ import annotations
 
 import argparse
-import sys
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -43,14 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from backend.checkpoints import load_upstream
     from backend.model_dir import save_model_dir
 
-    try:
-        model = load_upstream(args.vit, args.llama, args.checkpoint, image_size=args.image_size,
-                              dtype=getattr(torch, args.dtype), vit_num_heads=args.vit_num_heads,
-                              lora_alpha=args.lora_alpha, allow_pickle=args.allow_pickle)
-        folder = save_model_dir(model, args.out, hash_base_files=not args.no_hash, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, OSError) as error:  # CheckpointError, ConfigError, TokenizerError...
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = load_upstream(args.vit, args.llama, args.checkpoint, image_size=args.image_size,
+                          dtype=getattr(torch, args.dtype), vit_num_heads=args.vit_num_heads,
+                          lora_alpha=args.lora_alpha, allow_pickle=args.allow_pickle)
+    folder = save_model_dir(model, args.out, hash_base_files=not args.no_hash, overwrite=args.overwrite)
     config = model.config
     for line in model.load_report:
         print(line)

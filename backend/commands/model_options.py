@@ -11,12 +11,14 @@ import argparse
 import re
 from pathlib import Path
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("8bit", "4bit")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """The model named on the command line is not there (or a numeric option is out of range)."""
 
 

@@ -30,13 +30,14 @@ from pathlib import Path
 from backend import prompts
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
 from backend.output_folder import staged_folder
+from SlicerMiniGPTPancreas.errors import UserError
 
 DEFAULT_PROMPT = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # upstream's evaluation refer prompt
 COMMAND_NAME = "minigpt-pancreas predict"  # recorded in summary.json: marks a folder this command may replace
 _SLICES = re.compile(r"^\s*(\d*)\s*(:?)\s*(\d*)\s*$")
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """The command cannot run as asked (missing or unreadable volume, bad --slices, missing model...)."""
 
 

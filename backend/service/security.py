@@ -13,6 +13,7 @@ import os
 from fastapi import Request
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.errors import UserError
 
 from .errors import ApiError
 
@@ -22,7 +23,7 @@ LOOPBACK_NAMES = ("localhost",)
 MAKE_TOKEN_HINT = "make one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\""
 
 
-class ServeSettingsError(ValueError):
+class ServeSettingsError(UserError, ValueError):
     """A host / token combination the service refuses to start with; the message says what to do."""
 
 

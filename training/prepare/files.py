@@ -17,17 +17,18 @@ from typing import Any
 import numpy as np
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from SlicerMiniGPTPancreas.errors import UserError
 
 DATASETS = ("nih", "msd", "abdomenct1k")
 # The `dataset` value upstream writes into its records, by our dataset name.
 UPSTREAM_DATASET = {"nih": "NIH", "msd": "MSD", "abdomenct1k": "ABD"}
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """A user error that stops `prepare` before it starts (bad root, bad option, output inside an input)."""
 
 
-class VolumeError(ValueError):
+class VolumeError(UserError, ValueError):
     """One volume cannot be prepared (missing, corrupt or inconsistent file); the run goes on without it."""
 
 
