@@ -241,11 +241,14 @@ def test_an_unexpected_error_is_one_500_logged_once(engine, caplog):  # noqa: F8
         with server, caplog.at_level(logging.INFO):
             response = requests.post(server.url + p.ROUTE_QUERY, data=_query(), headers=JSON, timeout=WAIT_S)
             assert response.status_code == 500
-            assert "RuntimeError" in p.ErrorResponse.from_dict(response.json()).message
+            message = p.ErrorResponse.from_dict(response.json()).message
+            request_id = response.headers["X-Request-ID"]
+            assert "RuntimeError" in message and f"request id {request_id}" in message
     finally:
         logging.getLogger("uvicorn.error").removeHandler(handler)
     errors = [r for r in caplog.records + uvicorn_records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None  # one entry, with its traceback
+    assert request_id in errors[0].getMessage()  # the id the user reports finds the traceback
 
 
 def test_shutdown_answers_every_waiting_query(engine):  # noqa: F811

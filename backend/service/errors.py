@@ -4,12 +4,13 @@ Handlers raise `ApiError`; `install_error_handlers` turns it, protocol and engin
 HTTP errors (unknown route, wrong method) and unexpected exceptions into that body, so the client can map each one
 to a message a radiologist can act on (client_errors.http_error). Messages are cut to MAX_MESSAGE_CHARS, whatever
 client input they quote. Each failure is logged once, on one line, without the query string: a client that leaves
-mid-request at INFO, an unexpected exception at ERROR with its traceback.
+mid-request at INFO, an unexpected exception at ERROR with its traceback and a request id that its 500 names too.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from SlicerMiniGPTPancreas import protocol as p
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 1000
+REQUEST_ID_HEADER = "X-Request-ID"  # on a 500: the id its log entry names
 
 
 class ApiError(Exception):
@@ -96,9 +98,11 @@ class LastResort:
         except (ClientDisconnect, ClientGone):
             log.info("the client closed the connection during %s; nothing was answered", what)
         except Exception as error:  # noqa: BLE001 - the last resort: a server fault, answered and logged once
-            log.exception("unexpected error in %s", what)
-            reply = error_reply(ApiError(p.ErrorCode.INTERNAL, f"internal error ({type(error).__name__}); the "
-                                                               "server log has the details"))
+            request_id = secrets.token_hex(6)  # ties the reply the user reports to the log entry with the traceback
+            log.exception("unexpected error in %s (request id %s)", what, request_id)
+            message = (f"internal error ({type(error).__name__}), request id {request_id}; the server log has the "
+                       "details under that id")
+            reply = error_reply(ApiError(p.ErrorCode.INTERNAL, message, headers={REQUEST_ID_HEADER: request_id}))
             try:
                 await reply(scope, receive, send)
             except Exception:  # noqa: BLE001 - the answer had already started, or the client is gone
