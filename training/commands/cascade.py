@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from backend.commands.model_options import device_name
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cascade", help="the cascade file (examples: training/configs/demo/cascade.json, "
                         "training/configs/cascade.json)")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (default: cuda when available), cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:

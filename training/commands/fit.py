@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from backend.commands.model_options import device_name
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="the stage's JSON config (examples: training/configs/*.json)")
@@ -15,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="delete the run already in output_dir (its checkpoints too) and start over")
     parser.add_argument("--max-steps", type=int, metavar="N",
                         help="stop after N iterations (smoke runs; the LR schedule still spans max_epoch epochs)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's, else auto)")
+    parser.add_argument("--device", type=device_name,
+                        help="auto, cpu, cuda or cuda:N (default: the config's, else auto)")
 
 
 def run(args: argparse.Namespace) -> int:
