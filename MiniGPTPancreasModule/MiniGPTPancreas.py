@@ -29,7 +29,6 @@ if not os.path.isdir(os.path.join(_MODULE_DIR, "SlicerMiniGPTPancreas")) and _CH
 
 from MiniGPTPancreasLib.ground_truth import truth_choices  # noqa: E402
 # MiniGPTPancreasLogic lives in the Lib so that it imports without the GUI; this module re-exports it.
-from MiniGPTPancreasLib.local_server import LocalServerError  # noqa: E402
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic  # noqa: E402
 from MiniGPTPancreasLib.results import results_table  # noqa: E402
 from MiniGPTPancreasLib.summaries import describe_response, describe_sweep  # noqa: E402
@@ -38,7 +37,8 @@ from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_vo
 from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
 from MiniGPTPancreasGui.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
 from MiniGPTPancreasGui.server_section import ServerSection  # noqa: E402
-from SlicerMiniGPTPancreas.client import ClientError, ServerNotRunningError  # noqa: E402
+from SlicerMiniGPTPancreas.client import ServerNotRunningError  # noqa: E402
+from SlicerMiniGPTPancreas.errors import UserError  # noqa: E402
 
 SERVE_COMMAND = "minigpt-pancreas serve --model <model folder> --port 8765"
 
@@ -204,7 +204,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
     def onVolumeChanged(self, volumeNode):
         try:
             slices = model_view_geometry(volumeNode).shape[0] if volumeNode else 1
-        except ValueError:  # no voxels, oblique...: Apply will say why
+        except UserError:  # no voxels, oblique...: Apply will say why
             slices = 1
         for spinBox in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox):
             spinBox.maximum = slices - 1
@@ -361,7 +361,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         self._updateButtons()
 
     def _reportError(self, error):
-        if isinstance(error, (ClientError, ValueError, LocalServerError)):  # their messages say what to do
+        if isinstance(error, UserError):  # its message says what to do; anything else is a bug: show its traceback
             more = _(" Or press Start local server, which runs: {command}").format(
                 command=self.logic.local_server.command_line(self.logic.client.base_url)
             ) if isinstance(error, ServerNotRunningError) else ""

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 # RAS <-> LPS (its own inverse): ITK, DICOM and .mrk.json files speak LPS, this project RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -38,7 +40,7 @@ TILT_TOLERANCE_VOXELS = 0.5
 _MODEL_AXES = ((0, -1.0), (1, -1.0), (2, +1.0))
 
 
-class GeometryError(ValueError):
+class GeometryError(UserError, ValueError):
     """The volume or its geometry cannot be used (wrong array shape, singular matrix, bad box or slice)."""
 
 

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
+from .errors import UserError
+
 GRID = 100
 Box = tuple[float, float, float, float]  # (x_min, y_min, x_max, y_max) in pixel index coordinates; x = column
 ABSENT_ANSWER = "{<0><0><0><0>}"
@@ -29,7 +31,7 @@ DELIM = "<delim>"
 AnswerKind = Literal["boxes", "yes_no", "text", "invalid"]
 
 
-class GrammarError(ValueError):
+class GrammarError(UserError, ValueError):
     """A box, image size or option that cannot be rendered or decoded; the message says what to fix."""
 
 

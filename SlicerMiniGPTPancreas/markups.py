@@ -19,18 +19,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from SlicerMiniGPTPancreas.atomic import atomic_write
+from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 
 SCHEMA_URL = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
     "markups-schema-v1.0.3.json#"
 )
 DEFAULT_COLOR = (1.0, 0.5, 0.0)  # orange: stands out from Slicer's default cyan/green markups and from CT greys
-# Identity ROI axes (R, A, S) written in LPS: Slicer negates the first two rows of the 3x3 (row-major) matrix.
-_IDENTITY_ORIENTATION_LPS = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]
+# Identity ROI axes (R, A, S) written in LPS, row-major: the RAS -> LPS flip itself (it is its own inverse).
+_IDENTITY_ORIENTATION_LPS = LPS_TO_RAS.ravel().tolist()
 
 
-class MarkupsError(ValueError):
+class MarkupsError(UserError, ValueError):
     """A ROI cannot be written (non-finite or negative numbers, empty name) or the file cannot be written."""
 
 
@@ -50,7 +54,7 @@ def roi_markup(roi: RoiMarkup | Sequence, *, color: Sequence[float] = DEFAULT_CO
     predictions are kept as predicted unless the user chooses to edit them.
     """
     center_ras, size_mm, name, description = _checked_roi(roi)
-    center_lps = [-center_ras[0], -center_ras[1], center_ras[2]]
+    center_lps = (LPS_TO_RAS @ np.array(center_ras)).tolist()
     rgb = _checked_color(color)
     return {
         "type": "ROI",

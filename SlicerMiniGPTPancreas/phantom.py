@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 # The label values name the contents of Phantom's label maps, so they are part of this module's interface.
 from SlicerMiniGPTPancreas.phantom_anatomy import (  # noqa: F401
@@ -50,7 +51,7 @@ _Z_MARGIN_MM = 15.0  # tissue kept above and below the pancreas in a sampled sca
 _LETTER_LPS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 
-class PhantomError(ValueError):
+class PhantomError(UserError, ValueError):
     """A phantom was asked for with impossible parameters (the message says which and what is allowed)."""
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 from SlicerMiniGPTPancreas.phantom import Phantom, direction_lps, reorient
 
@@ -33,11 +34,11 @@ _UID_ROOT = "1.2.826.0.1.3680043.2.1125.1."  # GDCM's root, as in the NIH series
 _STORED_RANGE = {"int16": (-32768, 32767, "1"), "uint16": (0, 65535, "0")}  # min, max, PixelRepresentation
 
 
-class SimpleITKMissingError(ImportError):
+class SimpleITKMissingError(UserError, ImportError):
     """SimpleITK is not installed; the phantom writers need it."""
 
 
-class PhantomWriteError(ValueError):
+class PhantomWriteError(UserError, ValueError):
     """The phantoms cannot be written as asked (the message says what to change)."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UserError
+
 WINDOW_HU = (-150.0, 250.0)
 VARIANTS = ("window", "paper")
 
@@ -30,7 +32,7 @@ _GRAY_BYTES[list(_ONE_LOWER_INDICES)] -= 1
 _GRAY_BYTES.setflags(write=False)
 
 
-class IntensityError(ValueError):
+class IntensityError(UserError, ValueError):
     """A slice or rescale parameter cannot be turned into an image (wrong shape, NaN/inf, bad variant)."""
 
 

@@ -3,57 +3,34 @@
 Versioning: `API_VERSION` is "MAJOR.MINOR"; a client and a server work together when their majors match. A minor
 bump only adds routes or optional fields with defaults, so `from_dict` ignores keys it does not know.
 
-Wire format: JSON bodies. A CT slice travels as `{"shape": [R, C], "dtype": "int16", "data": <base64>}`: Hounsfield
-units, model-view orientation (geometry.py), the bytes little-endian and row-major. A volume upload is the raw
-little-endian int16 bytes of the model-view array [S, R, C] (application/octet-stream), its shape and spacing in the
-query string (`encode_volume`). Boxes are `[x_min, y_min, x_max, y_max]` in pixel index coordinates of the slice
-that was sent (x = column, y = row, pixel centres at integers), the Box convention of the whole core.
+Wire format: JSON bodies, except a volume upload (raw int16 bytes); how CT arrays travel is wire_arrays.py. Boxes
+are `[x_min, y_min, x_max, y_max]` in pixel index coordinates of the slice that was sent (x = column, y = row,
+pixel centres at integers), the Box convention of the whole core.
 
 Errors: every non-2xx reply has the body `{"error": {"code": ..., "message": ...}}` with an `ErrorCode`. A version
 mismatch is HTTP 409 Conflict, not 426 Upgrade Required: 426 obliges the server to send an `Upgrade` header naming
 a transport protocol to switch to (RFC 9110, 15.5.22), which does not fit an application API version.
 
-Layout: this module holds the version, the routes, the error envelope and the volume upload encoding, and
-re-exports the rest, so import every protocol name from here. protocol_schemas.py defines the messages;
-protocol_base.py the limits, ProtocolError, the field validators and the slice encoding they are built from.
+Messages: each is a frozen dataclass on validation.Schema: `from_dict` checks that required fields are present and
+`__post_init__` checks types and ranges, so a message that exists is valid; both raise validation.ProtocolError
+naming the bad field.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import numpy as np
 
-from .protocol_base import (
-    ID_PATTERN, MAX_CHAT_MESSAGES, MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, MAX_SLICE_SIDE, MAX_VOLUME_BYTES,
-    MAX_VOLUME_SLICES, ProtocolError, SchemaT, check_choice, check_id, check_int16_array, check_shape,
-    check_spacing, check_str, check_volume_bytes, decode_slice, encode_slice, excerpt, parse_api_version,
+from .validation import (
+    ProtocolError, Schema, check_bool, check_choice, check_float, check_int, check_list, check_nested, check_shape,
+    check_spacing, check_str, excerpt,
 )
-from .protocol_schemas import (
-    ANSWER_KINDS, HEALTH_STATES, SWEEP_FINISHED_STATES, SWEEP_STATES, AnswerOptions, BoxResult, ChatMessage,
-    ChatRequest, ChatResponse, Health, ModelInfo, QueryResponse, SliceQueryRequest, SweepJobRequest, SweepJobStatus,
-    VolumeUploadResponse,
-)
-
-__all__ = [
-    # version and routes
-    "API_VERSION", "API_PREFIX", "API_VERSION_HEADER", "ROUTE_HEALTH", "ROUTE_INFO", "ROUTE_QUERY", "ROUTE_VOLUMES",
-    "ROUTE_SWEEPS", "ROUTE_SWEEP", "ROUTE_CHAT", "sweep_route", "parse_api_version", "check_api_version",
-    # limits and enumerations
-    "MAX_SLICE_SIDE", "MAX_VOLUME_SLICES", "MAX_VOLUME_BYTES", "MAX_PROMPT_CHARS", "MAX_NEW_TOKENS_LIMIT",
-    "MAX_CHAT_MESSAGES", "ID_PATTERN", "ANSWER_KINDS", "HEALTH_STATES", "SWEEP_STATES", "SWEEP_FINISHED_STATES",
-    # errors
-    "ErrorCode", "ErrorResponse", "ProtocolError", "ApiVersionError",
-    # arrays on the wire
-    "encode_slice", "decode_slice", "encode_volume", "decode_volume", "parse_volume_params", "excerpt",
-    # messages
-    "SchemaT", "AnswerOptions", "BoxResult", "SliceQueryRequest", "QueryResponse", "Health", "ModelInfo",
-    "VolumeUploadResponse", "SweepJobRequest", "SweepJobStatus", "ChatMessage", "ChatRequest", "ChatResponse",
-]
+from .wire_arrays import MAX_SLICE_SIDE, MAX_VOLUME_SLICES, SLICE_FIELD, check_int16_array
 
 API_VERSION = "1.0"
 API_PREFIX = "/api/v1"
@@ -66,6 +43,15 @@ ROUTE_VOLUMES = API_PREFIX + "/volumes"  # POST raw int16 body (encode_volume) -
 ROUTE_SWEEPS = API_PREFIX + "/sweeps"  # POST SweepJobRequest -> SweepJobStatus
 ROUTE_SWEEP = API_PREFIX + "/sweeps/{job_id}"  # GET -> SweepJobStatus; DELETE cancels -> SweepJobStatus
 ROUTE_CHAT = API_PREFIX + "/chat"  # POST ChatRequest -> ChatResponse
+
+MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS_LIMIT = 1024
+MAX_CHAT_MESSAGES = 64
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # volume and job ids: safe inside a URL path
+ANSWER_KINDS = ("boxes", "yes_no", "text", "invalid")  # grammar.ParsedAnswer.kind
+HEALTH_STATES = ("ok", "loading", "error")
+SWEEP_STATES = ("queued", "running", "done", "cancelled", "failed")
+SWEEP_FINISHED_STATES = ("done", "cancelled", "failed")
 
 
 class ErrorCode(str, Enum):
@@ -130,6 +116,14 @@ class ApiVersionError(ProtocolError):
         self.client_version = client_version
 
 
+def parse_api_version(text: Any, field: str = "api_version") -> tuple[int, int]:
+    """'1.0' -> (1, 0); anything else raises ProtocolError."""
+    match = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", text) if isinstance(text, str) else None
+    if match is None:
+        raise ProtocolError(field, f"expected a version 'MAJOR.MINOR' such as '1.0', got {excerpt(text)}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def check_api_version(server_version: str, client_version: str = API_VERSION) -> None:
     """Raise ApiVersionError unless both majors match (a minor difference is compatible)."""
     server_major, _ = parse_api_version(server_version, "server api_version")
@@ -144,52 +138,263 @@ def check_api_version(server_version: str, client_version: str = API_VERSION) ->
     raise ApiVersionError(server_version, client_version, advice)
 
 
+def check_id(value: Any, field: str) -> str:
+    """A volume or job id matching ID_PATTERN."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ProtocolError(field, f"expected 1-64 letters, digits, '-' or '_', got {excerpt(value)}")
+    return value
+
+
 def sweep_route(job_id: str) -> str:
     """The status / cancel route of one sweep job."""
     return ROUTE_SWEEP.format(job_id=check_id(job_id, "job_id"))
 
 
-# --- the volume upload body -----------------------------------------------------------------------------------------
+# --- the messages -----------------------------------------------------------------------------------------------
 
-def encode_volume(volume_src: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[bytes, dict[str, str]]:
-    """Model-view volume [S, R, C] int16 + (col, row, slice) spacing -> (request body, query parameters)."""
-    check_int16_array(volume_src, "volume", ndim=3)
-    check_volume_bytes(volume_src.shape, "volume.shape")
-    spacing = check_spacing(spacing_mm, "volume.spacing_mm", 3)
-    params = {"shape": ",".join(str(n) for n in volume_src.shape), "dtype": "int16",
-              "spacing_mm": ",".join(repr(s) for s in spacing)}
-    return np.ascontiguousarray(volume_src, dtype="<i2").tobytes(), params
+@dataclass(frozen=True)
+class AnswerOptions(Schema):
+    """How to generate and decode an answer. temperature 0 = greedy (upstream evaluation: greedy, 20 tokens)."""
 
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    box_decoding: str = "center"  # grammar.grid_to_pixels mode; "floor" reproduces upstream numbers
+    image_variant: str = "window"  # preprocess.hu_slice_to_gray variant
 
-def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Inverse of encode_volume: (read-only [S, R, C] int16 array, (col, row, slice) spacing in mm)."""
-    shape, spacing, n_bytes = parse_volume_params(params)
-    if len(body) != n_bytes:
-        raise ProtocolError("body", f"has {len(body)} bytes but shape {list(shape)} int16 needs {n_bytes}")
-    return np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(shape), spacing
+    def __post_init__(self) -> None:
+        self._set("max_new_tokens", check_int, 1, MAX_NEW_TOKENS_LIMIT)
+        self._set("temperature", check_float, 0.0, 2.0)
+        self._set("box_decoding", check_choice, ("center", "floor"))
+        self._set("image_variant", check_choice, ("window", "paper"))
 
 
-def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...], int]:
-    """The query string of a volume upload -> (shape, spacing, body bytes), checked before the body is read."""
-    values = {}
-    for key in ("shape", "dtype", "spacing_mm"):
-        if key not in params:
-            raise ProtocolError(key, "required query parameter is missing")
-        values[key] = str(params[key]).split(",")
-    if values["dtype"] != ["int16"]:
-        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {excerpt(params['dtype'])}")
-    # Plain digits only: int() would also read "1_0" as 10 and " 7" as 7, and take any number of digits.
-    if not all(re.fullmatch(r"\d{1,9}", part) for part in values["shape"]):
-        raise ProtocolError("shape", f"expected comma-separated numbers S,R,C (whole, digits only), got "
-                                     f"{excerpt(params['shape'])}")
-    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in values["spacing_mm"]):
-        raise ProtocolError("spacing_mm", f"expected three comma-separated numbers in mm, got "
-                                          f"{excerpt(params['spacing_mm'])}")
-    try:
-        spacing = [float(part) for part in values["spacing_mm"]]
-    except ValueError as error:
-        raise ProtocolError("spacing_mm", f"expected comma-separated numbers ({error})") from error
-    shape = check_shape([int(part) for part in values["shape"]], "shape",
-                        (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
-    n_bytes = check_volume_bytes(shape, "shape")
-    return shape, check_spacing(spacing, "spacing_mm", 3), n_bytes
+@dataclass(frozen=True)
+class BoxResult(Schema):
+    """One box on the sent slice: (x_min, y_min, x_max, y_max) in pixel index coordinates (x = column)."""
+
+    box: tuple[float, float, float, float]
+    label: str | None = None
+    confidence: float | None = None  # in [0, 1]
+
+    def __post_init__(self) -> None:
+        path = "BoxResult.box"
+        coords = check_list(self.box, path, 4)
+        if len(coords) != 4:
+            raise ProtocolError(path, f"expected [x_min, y_min, x_max, y_max], got {len(coords)} numbers")
+        x_min, y_min, x_max, y_max = (check_float(c, f"{path}[{i}]") for i, c in enumerate(coords))
+        if x_min > x_max or y_min > y_max:
+            raise ProtocolError(path, f"min exceeds max in {[x_min, y_min, x_max, y_max]}")
+        object.__setattr__(self, "box", (x_min, y_min, x_max, y_max))
+        self._set_optional("label", check_str, 200)
+        self._set_optional("confidence", check_float, 0.0, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class SliceQueryRequest(Schema):
+    """One question about one model-view slice [R, C] of int16 HU, with its (col, row) pixel spacing in mm.
+
+    Holds an array, so `==` compares identity; compare fields (np.array_equal for the slice) instead.
+    """
+
+    prompt: str
+    slice_hu: np.ndarray = field(metadata=SLICE_FIELD)
+    pixel_spacing_mm: tuple[float, float]
+    slice_index: int | None = None  # s in the model view, echoed back
+    volume_id: str | None = None
+    options: AnswerOptions = field(default_factory=AnswerOptions, metadata={"schema": AnswerOptions})
+
+    def __post_init__(self) -> None:
+        self._set("prompt", check_str, MAX_PROMPT_CHARS)
+        check_int16_array(self.slice_hu, "SliceQueryRequest.slice_hu", ndim=2)
+        self._set("pixel_spacing_mm", check_spacing, 2)
+        self._set_optional("slice_index", check_int, 0, MAX_VOLUME_SLICES - 1)
+        self._set_optional("volume_id", check_id)
+        self._set("options", check_nested, AnswerOptions)
+
+
+@dataclass(frozen=True)
+class QueryResponse(Schema):
+    """The model's answer: raw text, its kind, boxes (kind "boxes" with no boxes = nothing found), yes/no."""
+
+    answer: str
+    kind: str
+    model_id: str
+    boxes: tuple[BoxResult, ...] = field(default=(), metadata={"schema": BoxResult, "many": True})
+    yes: bool | None = None
+    yes_probability: float | None = None  # P(yes) read from the logits
+    reason: str | None = None  # why the answer is invalid or empty
+    slice_index: int | None = None
+    queue_ms: float = 0.0  # waiting for the GPU
+    inference_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._set("answer", check_str, 100_000, allow_empty=True)
+        self._set("kind", check_choice, ANSWER_KINDS)
+        self._set("model_id", check_str, 200)
+        self._set_items("boxes", BoxResult, 1000)
+        self._set_optional("yes", check_bool)
+        self._set_optional("yes_probability", check_float, 0.0, 1.0)
+        self._set_optional("reason", check_str, 10_000)
+        self._set_optional("slice_index", check_int, 0, MAX_VOLUME_SLICES - 1)
+        self._set("queue_ms", check_float, 0.0)
+        self._set("inference_ms", check_float, 0.0)
+
+
+@dataclass(frozen=True)
+class Health(Schema):
+    """GET /healthz: cheap, never waits for the GPU."""
+
+    status: str  # ok | loading | error
+    api_version: str
+    model_id: str
+    device: str
+    busy: bool
+
+    def __post_init__(self) -> None:
+        self._set("status", check_choice, HEALTH_STATES)
+        parse_api_version(self.api_version, "Health.api_version")
+        self._set("model_id", check_str, 200, allow_empty=True)  # empty while loading
+        self._set("device", check_str, 200)
+        self._set("busy", check_bool)
+
+
+@dataclass(frozen=True)
+class ModelInfo(Schema):
+    """GET /api/v1/info: what the server runs and its limits."""
+
+    model_id: str
+    api_version: str
+    server_version: str
+    device: str
+    precision: str  # e.g. bfloat16, float32, int8
+    image_size: int  # model input side in pixels (448 upstream)
+    max_new_tokens_limit: int
+    max_upload_bytes: int
+    example_prompts: tuple[str, ...] = ()
+    synthetic: bool = False  # a demonstration model trained on synthetic CT only; optional: older servers omit it
+
+    def __post_init__(self) -> None:
+        for name in ("model_id", "server_version", "device", "precision"):
+            self._set(name, check_str, 200)
+        parse_api_version(self.api_version, "ModelInfo.api_version")
+        self._set("image_size", check_int, 1)
+        self._set("max_new_tokens_limit", check_int, 1)
+        self._set("max_upload_bytes", check_int, 1)
+        self._set("example_prompts", check_list, 100)
+        for index, prompt in enumerate(self.example_prompts):
+            check_str(prompt, f"ModelInfo.example_prompts[{index}]", MAX_PROMPT_CHARS)
+        self._set("synthetic", check_bool)
+
+
+@dataclass(frozen=True)
+class VolumeUploadResponse(Schema):
+    """POST /api/v1/volumes: the id under which the server keeps the model-view volume [S, R, C]."""
+
+    volume_id: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]  # (col, row, slice)
+
+    def __post_init__(self) -> None:
+        self._set("volume_id", check_id)
+        self._set("shape", check_shape, (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
+        self._set("spacing_mm", check_spacing, 3)
+
+
+@dataclass(frozen=True)
+class SweepJobRequest(Schema):
+    """Ask one prompt on model-view slices range(slice_start, slice_stop or S, step) of an uploaded volume."""
+
+    volume_id: str
+    prompt: str
+    slice_start: int = 0
+    slice_stop: int | None = None  # exclusive; None = to the last slice
+    step: int = 1
+    options: AnswerOptions = field(default_factory=AnswerOptions, metadata={"schema": AnswerOptions})
+
+    def __post_init__(self) -> None:
+        self._set("volume_id", check_id)
+        self._set("prompt", check_str, MAX_PROMPT_CHARS)
+        self._set("slice_start", check_int, 0, MAX_VOLUME_SLICES - 1)
+        self._set_optional("slice_stop", check_int, self.slice_start + 1, MAX_VOLUME_SLICES)
+        self._set("step", check_int, 1, MAX_VOLUME_SLICES)
+        self._set("options", check_nested, AnswerOptions)
+
+
+@dataclass(frozen=True)
+class SweepJobStatus(Schema):
+    """A sweep job: its state, progress (done of total slices) and one QueryResponse per finished slice."""
+
+    job_id: str
+    volume_id: str
+    state: str  # queued | running | done | cancelled | failed
+    done: int
+    total: int
+    results: tuple[QueryResponse, ...] = field(default=(), metadata={"schema": QueryResponse, "many": True})
+    message: str | None = None  # why it failed, for instance
+
+    def __post_init__(self) -> None:
+        self._set("job_id", check_id)
+        self._set("volume_id", check_id)
+        self._set("state", check_choice, SWEEP_STATES)
+        self._set("total", check_int, 0, MAX_VOLUME_SLICES)
+        self._set("done", check_int, 0, self.total)
+        self._set_items("results", QueryResponse, MAX_VOLUME_SLICES)
+        for index, result in enumerate(self.results):
+            if result.slice_index is None:
+                raise ProtocolError(f"SweepJobStatus.results[{index}].slice_index", "is required in a sweep")
+        self._set_optional("message", check_str, 10_000)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in SWEEP_FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class ChatMessage(Schema):
+    role: str  # user | assistant
+    text: str
+
+    def __post_init__(self) -> None:
+        self._set("role", check_choice, ("user", "assistant"))
+        self._set("text", check_str, MAX_PROMPT_CHARS)
+
+
+@dataclass(frozen=True, eq=False)
+class ChatRequest(Schema):
+    """A conversation about one slice: turns alternate user/assistant, starting and ending with the user."""
+
+    messages: tuple[ChatMessage, ...] = field(metadata={"schema": ChatMessage, "many": True,
+                                                        "max_len": MAX_CHAT_MESSAGES})
+    slice_hu: np.ndarray = field(metadata=SLICE_FIELD)
+    pixel_spacing_mm: tuple[float, float]
+    options: AnswerOptions = field(default_factory=lambda: AnswerOptions(max_new_tokens=300),
+                                   metadata={"schema": AnswerOptions})
+
+    def __post_init__(self) -> None:
+        self._set_items("messages", ChatMessage, MAX_CHAT_MESSAGES)
+        if not self.messages:
+            raise ProtocolError("ChatRequest.messages", "must hold at least one user message")
+        for index, message in enumerate(self.messages):
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message.role != expected or (index == len(self.messages) - 1 and message.role != "user"):
+                raise ProtocolError(f"ChatRequest.messages[{index}].role",
+                                    "turns must alternate user/assistant, starting and ending with user")
+        check_int16_array(self.slice_hu, "ChatRequest.slice_hu", ndim=2)
+        self._set("pixel_spacing_mm", check_spacing, 2)
+        self._set("options", check_nested, AnswerOptions)
+
+
+@dataclass(frozen=True)
+class ChatResponse(Schema):
+    """The assistant's reply, with any boxes it drew on the slice."""
+
+    answer: str
+    model_id: str
+    boxes: tuple[BoxResult, ...] = field(default=(), metadata={"schema": BoxResult, "many": True})
+    inference_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._set("answer", check_str, 100_000, allow_empty=True)
+        self._set("model_id", check_str, 200)
+        self._set_items("boxes", BoxResult, 1000)
+        self._set("inference_ms", check_float, 0.0)

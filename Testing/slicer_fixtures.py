@@ -74,7 +74,8 @@ def truth_slices(labels_kji, matrix, values):
 # ----------------------------------------------------------------------------------- a real server
 
 class Gate:
-    """The service's before_batch hook: open by default; while closed, the engine thread waits at its next batch."""
+    """In front of the engine (gated_engine.GatedEngine): open by default; while closed, the engine thread waits
+    at its next call."""
 
     def __init__(self) -> None:
         self._open = threading.Event()

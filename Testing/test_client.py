@@ -17,6 +17,7 @@ import requests
 
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.wire_arrays import decode_volume
 
 TOKEN = "s3cret-token"
 
@@ -156,7 +157,7 @@ def test_volume_upload_and_sweep_lifecycle(server, client):
     uploaded = {}
 
     def store(seen: Seen) -> Reply:
-        uploaded["array"], uploaded["spacing"] = p.decode_volume(seen.body, seen.query)
+        uploaded["array"], uploaded["spacing"] = decode_volume(seen.body, seen.query)
         uploaded["content_type"] = seen.headers["Content-Type"]
         return Reply(201, p.VolumeUploadResponse("vol-1", (2, 3, 4), uploaded["spacing"]).to_dict())
 

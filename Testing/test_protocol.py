@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.validation import ProtocolError
+from SlicerMiniGPTPancreas.wire_arrays import decode_slice, decode_volume, encode_slice, encode_volume
 
 
 def _json_round_trip(message):
@@ -27,17 +29,17 @@ def _query_response(**overrides):
 
 def test_encode_slice_is_little_endian_row_major_base64():
     # [[1, -2, -32768]] as little-endian int16 is the bytes 01 00 | FE FF | 00 80, i.e. base64 "AQD+/wCA".
-    encoded = p.encode_slice(np.array([[1, -2, -32768]], dtype=np.int16))
+    encoded = encode_slice(np.array([[1, -2, -32768]], dtype=np.int16))
     assert encoded == {"shape": [1, 3], "dtype": "int16", "data": "AQD+/wCA"}
     big_endian = np.array([[1, -2, -32768]], dtype=">i2")
-    assert p.encode_slice(big_endian)["data"] == "AQD+/wCA"
+    assert encode_slice(big_endian)["data"] == "AQD+/wCA"
 
 
 def test_int16_slice_round_trips_exactly():
     rng = np.random.default_rng(0)
     slice_hu = rng.integers(-32768, 32768, size=(37, 53), dtype=np.int16)  # odd sizes: base64 padding
     slice_hu[0, :2] = (-32768, 32767)
-    decoded = p.decode_slice(json.loads(json.dumps(p.encode_slice(slice_hu))))
+    decoded = decode_slice(json.loads(json.dumps(encode_slice(slice_hu))))
     assert decoded.dtype == np.int16 and decoded.shape == (37, 53)
     np.testing.assert_array_equal(decoded, slice_hu)
 
@@ -56,8 +58,8 @@ def test_int16_slice_round_trips_exactly():
     ({"shape": [1, 3], "dtype": "int16", "data": "AQD!/wCA"}, "slice.data", "not valid base64"),
 ])
 def test_decode_slice_refuses_bad_payloads(payload, field, words):
-    with pytest.raises(p.ProtocolError) as caught:
-        p.decode_slice(payload)
+    with pytest.raises(ProtocolError) as caught:
+        decode_slice(payload)
     assert caught.value.field == field
     assert words in str(caught.value)
 
@@ -70,27 +72,27 @@ def test_decode_slice_refuses_bad_payloads(payload, field, words):
     (np.zeros((1, 4097), dtype=np.int16), "4097 is outside the allowed range [1, 4096]"),
 ])
 def test_encode_slice_refuses_what_the_server_would_refuse(array, words):
-    with pytest.raises(p.ProtocolError, match="slice") as caught:
-        p.encode_slice(array)
+    with pytest.raises(ProtocolError, match="slice") as caught:
+        encode_slice(array)
     assert words in str(caught.value)
 
 
 def test_volume_round_trips_through_raw_body_and_query_parameters():
     volume = np.arange(-30, 30, dtype=np.int16).reshape(3, 4, 5)  # [S, R, C]
-    body, params = p.encode_volume(volume, (0.75, 0.8, 2.5))
+    body, params = encode_volume(volume, (0.75, 0.8, 2.5))
     assert params == {"shape": "3,4,5", "dtype": "int16", "spacing_mm": "0.75,0.8,2.5"}
     assert len(body) == 3 * 4 * 5 * 2 and body[:2] == b"\xe2\xff"  # -30 little-endian
-    decoded, spacing = p.decode_volume(body, params)
+    decoded, spacing = decode_volume(body, params)
     np.testing.assert_array_equal(decoded, volume)
     assert spacing == (0.75, 0.8, 2.5)
 
 
 def test_encode_volume_refuses_more_than_the_upload_limit_before_copying():
     huge = np.broadcast_to(np.int16(0), (4096, 512, 512))  # 2 GiB of int16 as a zero-stride view: no memory
-    with pytest.raises(p.ProtocolError, match="volume.shape: 2147483648 bytes of int16 exceed the upload limit"):
-        p.encode_volume(huge, (1.0, 1.0, 1.0))
-    with pytest.raises(p.ProtocolError, match=r"volume.spacing_mm: expected 3 spacings"):
-        p.encode_volume(np.zeros((1, 2, 2), np.int16), (1.0, 1.0))
+    with pytest.raises(ProtocolError, match="volume.shape: 2147483648 bytes of int16 exceed the upload limit"):
+        encode_volume(huge, (1.0, 1.0, 1.0))
+    with pytest.raises(ProtocolError, match=r"volume.spacing_mm: expected 3 spacings"):
+        encode_volume(np.zeros((1, 2, 2), np.int16), (1.0, 1.0))
 
 
 @pytest.mark.parametrize(("body", "params", "words"), [
@@ -102,8 +104,8 @@ def test_encode_volume_refuses_more_than_the_upload_limit_before_copying():
     (b"\0" * 12, {"shape": "1,2,3", "dtype": "int16", "spacing_mm": "1,0,1"}, "finite positive number"),
 ])
 def test_decode_volume_refuses_bad_uploads(body, params, words):
-    with pytest.raises(p.ProtocolError) as caught:
-        p.decode_volume(body, params)
+    with pytest.raises(ProtocolError) as caught:
+        decode_volume(body, params)
     assert words in str(caught.value)
 
 
@@ -119,7 +121,7 @@ def test_api_version_majors_must_match_and_the_message_says_which_side_to_update
     with pytest.raises(p.ApiVersionError) as older_server:
         p.check_api_version("0.9", "1.0")
     assert "Update the server" in str(older_server.value)
-    with pytest.raises(p.ProtocolError, match="expected a version 'MAJOR.MINOR'.*'v1'"):
+    with pytest.raises(ProtocolError, match="expected a version 'MAJOR.MINOR'.*'v1'"):
         p.check_api_version("v1")
 
 
@@ -127,7 +129,7 @@ def test_routes_are_versioned_and_ids_cannot_escape_the_path():
     assert p.API_PREFIX == f"/api/v{p.API_VERSION.split('.')[0]}"
     assert p.ROUTE_HEALTH == "/healthz"
     assert p.sweep_route("job_7-a") == "/api/v1/sweeps/job_7-a"
-    with pytest.raises(p.ProtocolError, match="job_id: expected 1-64 letters"):
+    with pytest.raises(ProtocolError, match="job_id: expected 1-64 letters"):
         p.sweep_route("../volumes")
 
 
@@ -142,9 +144,9 @@ def test_error_response_has_the_documented_shape():
     error = p.ErrorResponse(p.ErrorCode.BUSY, "the GPU is busy")
     assert error.to_dict() == {"error": {"code": "busy", "message": "the GPU is busy"}}
     assert p.ErrorResponse.from_dict(error.to_dict()) == error and error.http_status == 503
-    with pytest.raises(p.ProtocolError, match="ErrorResponse.error.code: expected one of .*'teapot'"):
+    with pytest.raises(ProtocolError, match="ErrorResponse.error.code: expected one of .*'teapot'"):
         p.ErrorResponse.from_dict({"error": {"code": "teapot", "message": "x"}})
-    with pytest.raises(p.ProtocolError, match="ErrorResponse.error: expected an object"):
+    with pytest.raises(ProtocolError, match="ErrorResponse.error: expected an object"):
         p.ErrorResponse.from_dict({"detail": "Not Found"})
 
 
@@ -239,14 +241,14 @@ def test_sweep_status_reports_whether_it_is_finished():
      "VolumeUploadResponse.volume_id", "letters, digits"),
 ])
 def test_every_bad_field_is_named_in_the_error(schema, wire, field, words):
-    with pytest.raises(p.ProtocolError) as caught:
+    with pytest.raises(ProtocolError) as caught:
         schema.from_dict(wire)
     assert caught.value.field == field, str(caught.value)
     assert words in str(caught.value) and str(caught.value).startswith(field)
 
 
 def test_constructing_a_message_directly_validates_it_too():
-    with pytest.raises(p.ProtocolError, match="SliceQueryRequest.slice_hu: expected int16 HU values"):
+    with pytest.raises(ProtocolError, match="SliceQueryRequest.slice_hu: expected int16 HU values"):
         p.SliceQueryRequest("where?", np.zeros((4, 4)), (1.0, 1.0))
-    with pytest.raises(p.ProtocolError, match="AnswerOptions.temperature: 3.0 is outside"):
+    with pytest.raises(ProtocolError, match="AnswerOptions.temperature: 3.0 is outside"):
         p.AnswerOptions(temperature=3)

@@ -2,7 +2,7 @@
 
 Expectations are computed independently: answers by calling the same engine directly (greedy decoding is
 deterministic), boxes by parsing the answer text with the grammar and decoding it on the SENT slice's size.
-A `Gate` (the service's `before_batch` hook) holds the engine thread where a test needs work to stay queued.
+A `Gate` in front of the engine (gated_engine.py) holds the engine thread where a test needs work to stay queued.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from backend.engine import InferenceEngine
 from backend.service import ServiceLimits, create_app
 from backend.service.volumes import VolumeStore
 from backend.tiny_upstream import build_tiny_upstream
+from gated_engine import WAIT_S, Gate, GatedEngine
 from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import grammar
@@ -32,44 +33,6 @@ from SlicerMiniGPTPancreas import protocol as p
 REFER = "[refer] give me the location of the pancreas"
 YES_NO = "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
 TOKEN = "service-test-token-0123456789"
-WAIT_S = 20.0
-
-
-class Gate:
-    """before_batch hook: open by default; while closed, the engine thread waits at each batch for a permit."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._closed = False
-        self._permits = 0
-        self._waiting = 0  # engine threads waiting at the gate
-
-    def __call__(self) -> None:
-        with self._cond:
-            self._waiting += 1
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._closed or self._permits > 0)
-            if self._closed:
-                self._permits -= 1
-            self._waiting -= 1
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed, self._permits = True, 0
-
-    def let_through(self, batches: int = 1) -> None:
-        with self._cond:
-            self._permits += batches
-            self._cond.notify_all()
-
-    def open(self) -> None:
-        with self._cond:
-            self._closed, self._permits = False, 0
-            self._cond.notify_all()
-
-    def wait_until_held(self) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: self._waiting > 0, WAIT_S), "the engine never reached the gate"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +51,7 @@ def gate() -> Gate:
 @pytest.fixture(scope="module")
 def live(engine, gate) -> Iterator[LiveServer]:
     """The loopback server without a token that most tests share."""
-    app = create_app(engine, constrain_boxes=True, before_batch=gate,
+    app = create_app(GatedEngine(engine, gate), constrain_boxes=True,
                      limits=ServiceLimits(max_upload_bytes=200_000))
     with LiveServer(app) as server:
         yield server
@@ -335,7 +298,7 @@ def test_a_token_is_required_and_checked(engine):
 def test_a_full_queue_answers_503_with_retry_after(engine):
     gate = Gate()
     gate.close()
-    with server_with(engine, before_batch=gate, limits=ServiceLimits(max_queue=1, max_sweeps=1)) as server, \
+    with server_with(GatedEngine(engine, gate), limits=ServiceLimits(max_queue=1, max_sweeps=1)) as server, \
             ThreadPoolExecutor(2) as pool:
         clients = [server.client() for _ in range(3)]
         running = pool.submit(clients[0].query_slice, _slice(0), REFER, (1.0, 1.0))
@@ -360,7 +323,7 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
 def test_shutdown_cancels_running_sweeps(engine):
     gate = Gate()
     gate.close()
-    with server_with(engine, before_batch=gate) as server, server.client() as client:
+    with server_with(GatedEngine(engine, gate)) as server, server.client() as client:
         uploaded = client.upload_volume(_volume(8), (1.0, 1.0, 1.0))
         job_id = client.start_sweep(uploaded.volume_id, REFER).job_id
         gate.wait_until_held()

@@ -16,10 +16,12 @@ import pytest
 import requests
 
 from backend.service import ServiceLimits, create_app
+from gated_engine import WAIT_S, Gate, GatedEngine
 from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import protocol as p
-from test_service import REFER, TOKEN, WAIT_S, Gate, _slice, _volume, _wait_until, engine  # noqa: F401 (fixture)
+from SlicerMiniGPTPancreas.wire_arrays import encode_volume
+from test_service import REFER, TOKEN, _slice, _volume, _wait_until, engine  # noqa: F401 (fixture)
 
 JSON = {"Content-Type": "application/json"}
 MAX_MESSAGE_CHARS = 1000
@@ -75,7 +77,7 @@ def gate() -> Gate:
 
 @pytest.fixture(scope="module")
 def live(engine, gate):  # noqa: F811
-    with LiveServer(create_app(engine, before_batch=gate, limits=ServiceLimits(max_upload_bytes=200_000))) as server:
+    with LiveServer(create_app(GatedEngine(engine, gate), limits=ServiceLimits(max_upload_bytes=200_000))) as server:
         yield server
 
 
@@ -110,7 +112,7 @@ def test_the_token_is_checked_before_anything_else(engine):  # noqa: F811
 def test_a_cancelled_sweep_frees_its_slot_at_once(engine):  # noqa: F811
     gate = Gate()
     gate.close()
-    with LiveServer(create_app(engine, before_batch=gate, limits=ServiceLimits(max_sweeps=1))) as server, \
+    with LiveServer(create_app(GatedEngine(engine, gate), limits=ServiceLimits(max_sweeps=1))) as server, \
             server.client() as client:
         volume_id = client.upload_volume(_volume(8), (1.0, 1.0, 1.0)).volume_id
         first = client.start_sweep(volume_id, REFER)
@@ -132,7 +134,7 @@ def test_a_query_whose_client_left_is_not_run(engine):  # noqa: F811
         engine_calls.append(1)
         gate()
 
-    with LiveServer(create_app(engine, before_batch=count_then_gate)) as server, ThreadPoolExecutor(1) as pool, \
+    with LiveServer(create_app(GatedEngine(engine, count_then_gate))) as server, ThreadPoolExecutor(1) as pool, \
             server.client() as client:
         running = pool.submit(client.query_slice, _slice(0), REFER, (1.0, 1.0))
         gate.wait_until_held()
@@ -150,7 +152,7 @@ def test_a_query_whose_client_left_is_not_run(engine):  # noqa: F811
 
 def test_a_full_queue_is_refused_before_the_body_is_read_with_a_retry_after_from_recent_calls(engine):  # noqa: F811
     gate = Gate()
-    with LiveServer(create_app(engine, before_batch=gate, limits=ServiceLimits(max_queue=4))) as server, \
+    with LiveServer(create_app(GatedEngine(engine, gate), limits=ServiceLimits(max_queue=4))) as server, \
             ThreadPoolExecutor(5) as pool:
         clients = [server.client() for _ in range(5)]
         for _ in range(3):
@@ -179,7 +181,7 @@ def test_uploads_in_progress_reserve_the_volume_memory(engine):  # noqa: F811
     limits = ServiceLimits(volume_memory_bytes=100_000)
     with LiveServer(create_app(engine, limits=limits)) as server, server.client() as client:
         volume = np.zeros((5, 100, 60), np.int16)  # 60 000 bytes: one fits, two do not
-        body, params = p.encode_volume(volume, (1.0, 1.0, 1.0))
+        body, params = encode_volume(volume, (1.0, 1.0, 1.0))
         query = "&".join(f"{key}={value}" for key, value in params.items())
         with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), WAIT_S) as slow:
             slow.sendall(f"POST {p.ROUTE_VOLUMES}?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: "
@@ -225,7 +227,8 @@ def test_a_client_leaving_mid_upload_is_one_info_line(engine, caplog):  # noqa: 
 
 
 def test_an_unexpected_error_is_one_500_logged_once(engine, caplog):  # noqa: F811
-    failures = iter([RuntimeError("a fault of the server")])
+    # A ValueError from inside the model is a bug of the server, not the client's input: 500, not 422.
+    failures = iter([ValueError("expected sequence of length 4 at dim 1 (got 3)")])
 
     def fail_once() -> None:
         error = next(failures, None)
@@ -235,7 +238,7 @@ def test_an_unexpected_error_is_one_500_logged_once(engine, caplog):  # noqa: F8
     uvicorn_records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = uvicorn_records.append  # uvicorn's loggers do not propagate to caplog
-    server = LiveServer(create_app(engine, before_batch=fail_once))  # configures uvicorn's logging: add after
+    server = LiveServer(create_app(GatedEngine(engine, fail_once)))  # configures uvicorn's logging: add after
     logging.getLogger("uvicorn.error").addHandler(handler)
     try:
         with server, caplog.at_level(logging.INFO):
@@ -243,7 +246,7 @@ def test_an_unexpected_error_is_one_500_logged_once(engine, caplog):  # noqa: F8
             assert response.status_code == 500
             message = p.ErrorResponse.from_dict(response.json()).message
             request_id = response.headers["X-Request-ID"]
-            assert "RuntimeError" in message and f"request id {request_id}" in message
+            assert "ValueError" in message and f"request id {request_id}" in message
     finally:
         logging.getLogger("uvicorn.error").removeHandler(handler)
     errors = [r for r in caplog.records + uvicorn_records if r.levelno >= logging.ERROR]
@@ -255,7 +258,7 @@ def test_shutdown_answers_every_waiting_query(engine):  # noqa: F811
     gate = Gate()
     gate.close()
     with ThreadPoolExecutor(4) as pool:
-        with LiveServer(create_app(engine, before_batch=gate), grace_s=0.5) as server:
+        with LiveServer(create_app(GatedEngine(engine, gate)), grace_s=0.5) as server:
             clients = [server.client() for _ in range(4)]
             answers = [pool.submit(client.query_slice, _slice(0), REFER, (1.0, 1.0)) for client in clients]
             gate.wait_until_held()

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from gated_engine import GatedEngine
 from live_server import LiveServer
 # slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
 from slicer_fixtures import (REFER, ROTATE_90_AND_SHIFT, TUMOUR, WAIT_S, Gate, add_ct,
@@ -96,7 +97,7 @@ def live(tmp_path_factory):
                           image_size=files.sizes.image_size)
     engine = RecordingEngine(model, batch_size=4, model_id="tiny-slicer-test")
     gate = Gate()
-    with LiveServer(create_app(engine, constrain_boxes=True, before_batch=gate)) as server:
+    with LiveServer(create_app(GatedEngine(engine, gate), constrain_boxes=True)) as server:
         server.engine, server.gate = engine, gate
         yield server
 

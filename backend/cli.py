@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 # name -> (module, one-line help). Modules keep heavy imports inside `run`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("backend.commands.bench",
@@ -38,7 +40,7 @@ def build_parser(prog: str = "minigpt-pancreas", description: str = DESCRIPTION,
 
 def run_commands(prog: str, description: str, commands: dict[str, tuple[str, str]],
                  argv: list[str] | None = None) -> int:
-    """Parse `argv`, run the chosen command, and turn user-facing errors into one line and exit code 2."""
+    """Parse `argv`, run the chosen command, and turn a UserError into one line and exit code 2."""
     parser = build_parser(prog, description, commands)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -50,9 +52,9 @@ def run_commands(prog: str, description: str, commands: dict[str, tuple[str, str
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as error:
-        # User-facing errors (bad input, missing or broken files, a full disk) carry a message that says what is
-        # wrong and what to do; show it without a traceback. Anything else is a bug and keeps its traceback.
+    except UserError as error:
+        # Its message says what is wrong and what to do: show it without a traceback. Anything else (a ValueError
+        # from numpy or torch included) is a bug and keeps its traceback.
         print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -35,6 +35,7 @@ from backend.decoding import BoxDrafter, SamplingOptions
 from backend.image import preprocess_image
 from backend.image_cache import EmbeddingCache, image_key
 from SlicerMiniGPTPancreas import preprocess
+from SlicerMiniGPTPancreas.errors import UserError
 
 __all__ = ["DetectedBox", "SliceResult", "EngineError", "EngineCancelled", "InferenceEngine"]
 
@@ -42,7 +43,7 @@ BOX_DECODINGS = ("center", "floor")
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices in total)
 
 
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """Bad input to the engine (wrong shape, NaN slice, empty prompt, ...); the message says what to fix."""
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from backend.checkpoint_io import CheckpointError
+from SlicerMiniGPTPancreas.errors import UserError
 
 QUANTIZATION_MODES = ("8bit", "4bit")
 _WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")
 _LEGACY_WEIGHT_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError, ValueError):
     """8-bit / 4-bit loading was asked for but cannot run here (no CUDA or no bitsandbytes)."""
 
 

@@ -20,6 +20,7 @@ import slicer
 import vtk
 from slicer.util import arrayFromVolume
 
+from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import Box, ModelView
 from SlicerMiniGPTPancreas.metrics import box_iou
 
@@ -29,7 +30,7 @@ GRID_TOLERANCE_MM = 1e-3
 COLUMNS = ("slice", "predicted box", "truth box", "IoU")
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(UserError, ValueError):
     """The truth node or the chosen labels/segments cannot give a mask (the message says what to choose)."""
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import ClientError, MiniGPTPancreasClient
+from SlicerMiniGPTPancreas.errors import UserError
 
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -34,7 +35,7 @@ STOP_TIMEOUT_S = 10.0
 REUSED, STARTED = "reused", "started"
 
 
-class LocalServerError(RuntimeError):
+class LocalServerError(UserError, RuntimeError):
     """The local server cannot be started or did not come up; the message names the command that works."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError
 from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView
+from SlicerMiniGPTPancreas.wire_arrays import check_volume_bytes
 
 from .boxes_to_markups import (GREEN, PlacedBox, RoiRun, add_box_rois, module_node, move_under,
                                subject_hierarchy)
@@ -230,7 +231,7 @@ class MiniGPTPancreasLogic:
         if not 0 <= first <= last < view.shape[0]:
             raise GeometryError(f"The slice range {first} to {last} is not inside the volume (slices 0 to "
                                 f"{view.shape[0] - 1}); the first slice must not come after the last.")
-        p.check_volume_bytes((last - first + 1,) + view.shape[1:], "the slice range")
+        check_volume_bytes((last - first + 1,) + view.shape[1:], "the slice range")
         image = volume_node.GetImageData()
         key = (volume_node.GetID(), image.GetMTime(), view.ijk_to_ras.tobytes(), first, last)
         return SweepRequest(volume_node.GetName(), model_view_geometry(volume_node), first, last,

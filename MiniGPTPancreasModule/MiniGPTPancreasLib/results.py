@@ -19,6 +19,7 @@ import vtk
 
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.atomic import atomic_write
+from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import ModelView
 from SlicerMiniGPTPancreas.markups import RoiMarkup, write_roi_markups
 
@@ -30,7 +31,7 @@ COLUMNS = ("slice", "in Slicer", "answer", "kind", "yes", "P(yes)", "boxes", "co
 PROVENANCE_KEYS = ("prompt", "modelId", "serverUrl", "time")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A run cannot be exported (unknown run, folder missing or not writable); the message says what to do."""
 
 

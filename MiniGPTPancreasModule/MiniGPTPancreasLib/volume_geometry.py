@@ -16,12 +16,13 @@ import numpy as np
 import vtk
 from slicer.util import arrayFromVolume, updateVolumeFromArray
 
+from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import GeometryError, ModelView, ObliqueVolumeError
 
 AXIAL_TOLERANCE = 1e-3  # largest off-axis component of a slice normal still read as axial
 
 
-class VolumeNodeError(ValueError):
+class VolumeNodeError(UserError, ValueError):
     """The node cannot be analysed as it is (no voxels, a label map, colour voxels, a warping transform...)."""
 
 

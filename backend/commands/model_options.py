@@ -52,13 +52,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyEx
 def resolve_model_source(args: argparse.Namespace) -> None:
     """Check the model options cheaply (before minutes of loading). Without --model and --upstream, take the bundled
     demo model and print so as the command's first output line."""
-    from backend.demo_model import bundled_model_dir, default_model_notice
+    from backend.demo_model import DemoModelError, bundled_model_dir, default_model_notice
 
     for option, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
         if value < 1:
             raise ModelSourceError(f"{option} must be at least 1, got {value}.")
     if args.model is None and args.upstream is None:
-        args.model = bundled_model_dir()
+        try:
+            args.model = bundled_model_dir()
+        except DemoModelError as error:  # its message says how to build it or what to pass instead
+            raise ModelSourceError(str(error)) from error
         print(default_model_notice(args.model), flush=True)
     if args.model is not None:
         _check_model_folder(args.model)

@@ -39,17 +39,16 @@ DESCRIPTION = (
 
 def create_app(engine: InferenceEngine | None = None, *, load_engine: Callable[[], InferenceEngine] | None = None,
                token: str | None = None, limits: ServiceLimits = ServiceLimits(), constrain_boxes: bool = False,
-               device_hint: str = "unknown", before_batch: Callable[[], None] | None = None) -> FastAPI:
+               device_hint: str = "unknown") -> FastAPI:
     """The service around `engine`, or around the engine `load_engine()` builds on the engine thread (the server
     answers /healthz with status "loading" meanwhile, and "error" if it fails).
 
     token: required as 'Authorization: Bearer <token>' on every route but the docs (None: no token, for loopback).
     constrain_boxes: detection prompts ("[refer] ...") may only be answered with one box (EngineVariants).
-    device_hint: the device /healthz names while loading. before_batch: called on the engine thread before every
-    engine call (a test hook: it can hold the worker to make a queue fill up or a sweep stay running).
+    device_hint: the device /healthz names while loading.
     """
     worker = EngineWorker(engine, load_engine=load_engine, max_queue=limits.max_queue,
-                          max_sweeps=limits.max_sweeps, before_batch=before_batch)
+                          max_sweeps=limits.max_sweeps)
     service = Service(worker, BearerAuth(check_token(token)), limits, EngineVariants(constrain_boxes),
                       device_hint=device_hint, example_prompts=EXAMPLE_PROMPTS)
 

@@ -25,12 +25,14 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.validation import ProtocolError, SchemaT
+from SlicerMiniGPTPancreas.wire_arrays import MAX_SLICE_SIDE
 
 from .errors import ApiError
 
 DRAIN_LIMIT_BYTES = 64 << 20
 # A slice query carries the largest slice as base64, plus the prompt and options; a chat adds its messages.
-MAX_JSON_BYTES = 4 * math.ceil(p.MAX_SLICE_SIDE ** 2 * 2 / 3) + p.MAX_CHAT_MESSAGES * p.MAX_PROMPT_CHARS * 6 + 65536
+MAX_JSON_BYTES = 4 * math.ceil(MAX_SLICE_SIDE ** 2 * 2 / 3) + p.MAX_CHAT_MESSAGES * p.MAX_PROMPT_CHARS * 6 + 65536
 MAX_SMALL_JSON_BYTES = 65536  # sweep requests
 
 
@@ -119,8 +121,8 @@ def require_content_type(request: Request, expected: str) -> None:
                        f"expected a body of Content-Type {expected}, got {given or 'none'}")
 
 
-async def read_message(request: Request, schema: type[p.SchemaT], slots: BodySlots,
-                       limit: int = MAX_JSON_BYTES) -> p.SchemaT:
+async def read_message(request: Request, schema: type[SchemaT], slots: BodySlots,
+                       limit: int = MAX_JSON_BYTES) -> SchemaT:
     """A JSON body as the protocol message `schema`: 413 too large, 415 not JSON, 422 malformed or invalid; read
     when one of `slots` is free."""
     require_content_type(request, "application/json")
@@ -130,7 +132,7 @@ async def read_message(request: Request, schema: type[p.SchemaT], slots: BodySlo
         return await run_in_threadpool(parse_message, bytes(body), schema)
 
 
-def parse_message(body: bytes, schema: type[p.SchemaT]) -> p.SchemaT:
+def parse_message(body: bytes, schema: type[SchemaT]) -> SchemaT:
     try:
         data: Any = json.loads(body)
     except RecursionError:
@@ -139,7 +141,7 @@ def parse_message(body: bytes, schema: type[p.SchemaT]) -> p.SchemaT:
         raise ApiError(p.ErrorCode.VALIDATION, f"the body is not valid JSON ({error})") from None
     try:
         return schema.from_dict(data)  # type: ignore[attr-defined]
-    except p.ProtocolError as error:
+    except ProtocolError as error:
         raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error
     except RecursionError:
         raise ApiError(p.ErrorCode.VALIDATION, f"{schema.__name__}: a value is nested too deeply") from None

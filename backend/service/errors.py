@@ -1,9 +1,9 @@
 """The service's error replies: every non-2xx answer has the protocol's body {"error": {"code", "message"}}.
 
-Handlers raise `ApiError`; `install_error_handlers` turns it, protocol and engine validation errors, FastAPI's own
-HTTP errors (unknown route, wrong method) and unexpected exceptions into that body, so the client can map each one
-to a message a radiologist can act on (client_errors.http_error). Messages are cut to MAX_MESSAGE_CHARS, whatever
-client input they quote. Each failure is logged once, on one line, without the query string: a client that leaves
+Handlers raise `ApiError`; `install_error_handlers` turns it, a UserError (a protocol error, input the engine
+refuses: 422), FastAPI's own HTTP errors (unknown route, wrong method) and unexpected exceptions (500) into that
+body, so the client can map each one to a message a radiologist can act on (client.http_error). Messages are cut
+to MAX_MESSAGE_CHARS, whatever client input they quote. Each failure is logged once, on one line, without the query string: a client that leaves
 mid-request at INFO, an unexpected exception at ERROR with its traceback and a request id that its 500 names too.
 """
 
@@ -21,6 +21,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.validation import excerpt
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 1000
@@ -63,8 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
         return error_reply(error)
 
-    @app.exception_handler(p.ProtocolError)
-    async def _protocol_error(_: Request, error: p.ProtocolError) -> JSONResponse:
+    @app.exception_handler(UserError)  # a ProtocolError, or input the engine refuses: the client's to fix
+    async def _user_error(_: Request, error: UserError) -> JSONResponse:
         return error_reply(ApiError(p.ErrorCode.VALIDATION, str(error)))
 
     @app.exception_handler(RequestValidationError)
@@ -110,7 +112,7 @@ class LastResort:
 
 
 def _from_http_exception(request: Request, error: StarletteHTTPException) -> ApiError:
-    what = f"{request.method} {p.excerpt(request.url.path)}"
+    what = f"{request.method} {excerpt(request.url.path)}"
     if error.status_code == 404:
         # Not "not_found": that code means an unknown volume or job id; an unknown route is a wrong URL or an older
         # server, and the client tells those apart by the code.

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.validation import excerpt
 
 from .engine_calls import query_response
 from .errors import ApiError
@@ -75,7 +77,7 @@ class SweepJob:
         started = time.monotonic()
         try:
             results = self._run_batch(engine, slices)
-        except ValueError as error:  # EngineError: bad input, e.g. a prompt the engine refuses
+        except UserError as error:  # bad input, e.g. a prompt the engine refuses
             self.fail(f"the engine refused slices {indices[0]}-{indices[-1]}: {error}")
             return False
         except Exception as error:  # noqa: BLE001 - reported in the job's status, logged with its traceback
@@ -123,7 +125,7 @@ class JobStore:
             job = self._jobs.get(job_id)
         if job is None:
             raise ApiError(p.ErrorCode.NOT_FOUND,
-                           f"no sweep job {p.excerpt(job_id)} on this server: it never existed, finished more than "
+                           f"no sweep job {excerpt(job_id)} on this server: it never existed, finished more than "
                            f"{self.ttl_s:g} s ago, or the server restarted")
         return job
 

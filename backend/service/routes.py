@@ -13,11 +13,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.validation import Schema
+from SlicerMiniGPTPancreas.wire_arrays import parse_volume_params
 
-from .engine_calls import chat_response, check_greedy, check_prompt, check_temperature, query_response
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
 )
+from .engine_calls import chat_response, check_greedy, check_prompt, check_temperature, query_response
 from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
 from .security import check_client_version, require_token
@@ -41,7 +43,7 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _reply(message: p.Schema, status: int = 200) -> JSONResponse:
+def _reply(message: Schema, status: int = 200) -> JSONResponse:
     return JSONResponse(message.to_dict(), status_code=status)
 
 
@@ -68,7 +70,7 @@ def info(request: Request) -> JSONResponse:
 
 @api_router.post(p.ROUTE_QUERY, summary="Ask one question about one slice",
                  openapi_extra={"requestBody": {"required": True, "content": _JSON,
-                                                "description": "SliceQueryRequest (protocol_schemas.py)"}})
+                                                "description": "SliceQueryRequest (protocol.py)"}})
 async def query(request: Request) -> JSONResponse:
     service = _service(request)
     service.worker.check_room()  # a full queue is refused before the body is read
@@ -83,7 +85,7 @@ async def query(request: Request) -> JSONResponse:
 
 @api_router.post(p.ROUTE_CHAT, summary="One chat turn about one slice",
                  openapi_extra={"requestBody": {"required": True, "content": _JSON,
-                                                "description": "ChatRequest (protocol_schemas.py)"}})
+                                                "description": "ChatRequest (protocol.py)"}})
 async def chat(request: Request) -> JSONResponse:
     service = _service(request)
     service.worker.check_room()
@@ -103,7 +105,7 @@ async def chat(request: Request) -> JSONResponse:
 async def upload_volume(request: Request) -> JSONResponse:
     service = _service(request)
     require_content_type(request, "application/octet-stream")
-    shape, spacing, n_bytes = p.parse_volume_params(request.query_params)  # ProtocolError -> 422
+    shape, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
     await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
     try:
         reservation = service.volumes.reserve(n_bytes)
@@ -121,7 +123,7 @@ async def upload_volume(request: Request) -> JSONResponse:
 @api_router.post(p.ROUTE_SWEEPS, status_code=202,
                  summary="Start asking one prompt on a range of slices of an uploaded volume",
                  openapi_extra={"requestBody": {"required": True, "content": _JSON,
-                                                "description": "SweepJobRequest (protocol_schemas.py)"}})
+                                                "description": "SweepJobRequest (protocol.py)"}})
 async def start_sweep(request: Request) -> JSONResponse:
     service = _service(request)
     message = await read_message(request, p.SweepJobRequest, service.bodies, MAX_SMALL_JSON_BYTES)
@@ -170,10 +172,7 @@ async def _wait(service: Service, request: Request, future: Future) -> Any:
             raise ClientGone()
         raise busy(f"no answer within {service.limits.query_timeout_s:g} s: the model is busy with other "
                    "requests", 30)
-    try:
-        return answer.result()
-    except ValueError as error:  # EngineError: input the engine refuses
-        raise ApiError(p.ErrorCode.VALIDATION, str(error)) from error
+    return answer.result()  # a UserError (input the engine refuses) is answered 422, anything else 500
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.validation import ProtocolError
 
 from .errors import ApiError
 
@@ -98,5 +99,5 @@ def check_client_version(request: Request) -> None:
         p.check_api_version(p.API_VERSION, client_version)
     except p.ApiVersionError as error:
         raise ApiError(p.ErrorCode.VERSION_MISMATCH, error.problem) from error
-    except p.ProtocolError as error:
+    except ProtocolError as error:
         raise ApiError(p.ErrorCode.BAD_REQUEST, f"header {p.API_VERSION_HEADER}: {error.problem}") from error

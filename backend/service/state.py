@@ -7,6 +7,7 @@ from importlib import metadata
 from typing import Any
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.wire_arrays import MAX_VOLUME_BYTES
 
 from .bodies import BodySlots
 from .errors import ApiError
@@ -25,8 +26,8 @@ class ServiceLimits:
     max_sweeps: int = 4  # sweep jobs running or waiting
     max_bodies: int = 4  # JSON bodies read or parsed at once (each up to bodies.MAX_JSON_BYTES)
     query_timeout_s: float = 600.0  # a query waiting longer for its answer gets 503
-    max_upload_bytes: int = p.MAX_VOLUME_BYTES  # one volume upload
-    volume_memory_bytes: int = 2 * p.MAX_VOLUME_BYTES  # all uploaded volumes together (least recently used go)
+    max_upload_bytes: int = MAX_VOLUME_BYTES  # one volume upload
+    volume_memory_bytes: int = 2 * MAX_VOLUME_BYTES  # all uploaded volumes together (least recently used go)
     volume_ttl_s: float = 3600.0  # a volume unused this long is dropped
     job_ttl_s: float = 3600.0  # a finished sweep's answers stay readable this long
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from SlicerMiniGPTPancreas import protocol as p
+from SlicerMiniGPTPancreas.validation import excerpt
 
 from .errors import ApiError, busy
 
@@ -95,7 +96,7 @@ class VolumeStore:
             entry = self._volumes.get(volume_id)
             if entry is None:
                 raise ApiError(p.ErrorCode.NOT_FOUND,
-                               f"no volume {p.excerpt(volume_id)} on this server: it was never uploaded, expired after "
+                               f"no volume {excerpt(volume_id)} on this server: it was never uploaded, expired after "
                                f"{self.ttl_s:g} s unused, made room for newer uploads, or the server restarted")
             self._volumes[volume_id] = (entry[0], self._clock())
             self._volumes.move_to_end(volume_id)

@@ -68,20 +68,16 @@ class _Task:
 
 
 class EngineWorker:
-    """Owns the engine on one thread. Give `engine`, or `load_engine` to build it on that thread (health: loading).
-
-    `before_batch`, if given, runs on the worker thread before every engine call (tests use it to hold the worker).
-    """
+    """Owns the engine on one thread. Give `engine`, or `load_engine` to build it on that thread (health: loading)."""
 
     def __init__(self, engine: Any = None, *, load_engine: Callable[[], Any] | None = None, max_queue: int = 8,
-                 max_sweeps: int = 4, before_batch: Callable[[], None] | None = None) -> None:
+                 max_sweeps: int = 4) -> None:
         if (engine is None) == (load_engine is None):
             raise ValueError("give exactly one of engine and load_engine")
         self._engine = engine
         self._load_engine = load_engine
         self.max_queue = max_queue
         self.max_sweeps = max_sweeps
-        self._before_batch = before_batch
         self.state = "ok" if engine is not None else "loading"  # a protocol HEALTH_STATES value
         self.load_error: str | None = None
         self._tasks: deque[_Task] = deque()
@@ -255,8 +251,6 @@ class EngineWorker:
                 return False  # its caller gave up waiting
             started = time.monotonic()
             try:
-                self._call_before_batch()
-                started = time.monotonic()  # a test hook's wait is no engine time
                 value = item.run(self._engine)
             except BaseException as error:  # noqa: BLE001 - handed to the waiting request
                 _settle(item.future, exception=error)
@@ -266,15 +260,10 @@ class EngineWorker:
             return False
         if item.finished:
             return False
-        self._call_before_batch()
         started = time.monotonic()
         more = item.run_next_batch(self._engine)
         self._record(time.monotonic() - started)
         return more
-
-    def _call_before_batch(self) -> None:
-        if self._before_batch is not None:
-            self._before_batch()
 
     def _record(self, seconds: float) -> None:
         self._recent_s.append(seconds)

@@ -1,0 +1,132 @@
+"""CT arrays on the wire: how a slice and a volume travel between the Slicer client and the service, and their
+size limits.
+
+A slice travels inside a JSON message as `{"shape": [R, C], "dtype": "int16", "data": <base64>}`; a volume upload
+is the raw bytes of the whole array (application/octet-stream), its shape and spacing in the query string. Both
+are Hounsfield units in the model-view orientation (geometry.py), int16, little-endian, row-major. Decoding checks
+sizes before it allocates or decodes anything, so junk of any size costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .validation import ProtocolError, check_shape, check_spacing, excerpt, type_name
+
+MAX_SLICE_SIDE = 4096  # pixels per slice side; CT slices are 512, large detector ones up to 1024-2048
+MAX_VOLUME_SLICES = 4096
+MAX_VOLUME_BYTES = 1 << 30  # 1 GiB of int16, e.g. 512 x 512 x 2048
+
+
+def check_int16_array(array: Any, field: str, ndim: int) -> None:
+    """An int16 numpy array of `ndim` dimensions within the slice / volume size limits."""
+    if not isinstance(array, np.ndarray):
+        raise ProtocolError(field, f"expected a numpy array, got {type_name(array)}")
+    if array.dtype.kind != "i" or array.dtype.itemsize != 2:
+        raise ProtocolError(field, f"expected int16 HU values, got dtype {array.dtype}; convert with "
+                                   "np.clip(a, -32768, 32767).round().astype(np.int16)")
+    limits = (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE)[-ndim:]
+    check_shape(list(array.shape), f"{field}.shape", limits)
+
+
+def check_volume_bytes(shape: tuple[int, ...] | list[int], field: str) -> int:
+    """The int16 byte count of `shape`, refused above MAX_VOLUME_BYTES."""
+    n_bytes = math.prod(shape) * 2
+    if n_bytes > MAX_VOLUME_BYTES:
+        raise ProtocolError(field, f"{n_bytes} bytes of int16 exceed the upload limit of {MAX_VOLUME_BYTES} bytes; "
+                                   "send a slice range (crop the volume) instead")
+    return n_bytes
+
+
+# --- a slice, inside a JSON message -----------------------------------------------------------------------------
+
+def encode_slice(slice_hu: np.ndarray, field: str = "slice") -> dict[str, Any]:
+    """[R, C] int16 HU slice -> {"shape": [R, C], "dtype": "int16", "data": base64 of little-endian bytes}."""
+    check_int16_array(slice_hu, field, ndim=2)
+    data = base64.b64encode(np.ascontiguousarray(slice_hu, dtype="<i2").tobytes()).decode("ascii")
+    return {"shape": [int(n) for n in slice_hu.shape], "dtype": "int16", "data": data}
+
+
+def decode_slice(payload: Any, field: str = "slice") -> np.ndarray:
+    """Inverse of encode_slice: a read-only [R, C] int16 array; refuses oversized, malformed or inconsistent input."""
+    if not isinstance(payload, Mapping):
+        raise ProtocolError(field, f"expected an object with shape, dtype and data, got {type_name(payload)}")
+    for key in ("shape", "dtype", "data"):
+        if key not in payload:
+            raise ProtocolError(f"{field}.{key}", "required field is missing")
+    rows, cols = check_shape(payload["shape"], f"{field}.shape", (MAX_SLICE_SIDE, MAX_SLICE_SIDE))
+    if payload["dtype"] != "int16":
+        raise ProtocolError(f"{field}.dtype", f"expected 'int16' (HU, little-endian), got "
+                                              f"{excerpt(payload['dtype'])}")
+    data = payload["data"]
+    if not isinstance(data, str):
+        raise ProtocolError(f"{field}.data", f"expected a base64 string, got {type_name(data)}")
+    n_bytes = rows * cols * 2
+    expected_chars = 4 * math.ceil(n_bytes / 3)
+    if len(data) != expected_chars:  # checked before decoding so that junk of any size costs nothing
+        raise ProtocolError(f"{field}.data", f"has {len(data)} base64 characters but shape [{rows}, {cols}] int16 "
+                                             f"needs {expected_chars} ({n_bytes} bytes)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ProtocolError(f"{field}.data", f"is not valid base64 ({error})") from error
+    if len(raw) != n_bytes:  # right length, but padding ('=') hides missing bytes
+        raise ProtocolError(f"{field}.data", f"decodes to {len(raw)} bytes but shape [{rows}, {cols}] int16 "
+                                             f"needs {n_bytes}")
+    return np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=False).reshape(rows, cols)
+
+
+SLICE_FIELD = {"encode": encode_slice, "decode": decode_slice}  # metadata of a message field holding a slice
+
+
+# --- a volume upload --------------------------------------------------------------------------------------------
+
+def encode_volume(volume_src: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[bytes, dict[str, str]]:
+    """Model-view volume [S, R, C] int16 + (col, row, slice) spacing -> (request body, query parameters)."""
+    check_int16_array(volume_src, "volume", ndim=3)
+    check_volume_bytes(volume_src.shape, "volume.shape")
+    spacing = check_spacing(spacing_mm, "volume.spacing_mm", 3)
+    params = {"shape": ",".join(str(n) for n in volume_src.shape), "dtype": "int16",
+              "spacing_mm": ",".join(repr(s) for s in spacing)}
+    return np.ascontiguousarray(volume_src, dtype="<i2").tobytes(), params
+
+
+def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Inverse of encode_volume: (read-only [S, R, C] int16 array, (col, row, slice) spacing in mm)."""
+    shape, spacing, n_bytes = parse_volume_params(params)
+    if len(body) != n_bytes:
+        raise ProtocolError("body", f"has {len(body)} bytes but shape {list(shape)} int16 needs {n_bytes}")
+    return np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(shape), spacing
+
+
+def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...], int]:
+    """The query string of a volume upload -> (shape, spacing, body bytes), checked before the body is read."""
+    values = {}
+    for key in ("shape", "dtype", "spacing_mm"):
+        if key not in params:
+            raise ProtocolError(key, "required query parameter is missing")
+        values[key] = str(params[key]).split(",")
+    if values["dtype"] != ["int16"]:
+        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {excerpt(params['dtype'])}")
+    # Plain digits only: int() would also read "1_0" as 10 and " 7" as 7, and take any number of digits.
+    if not all(re.fullmatch(r"\d{1,9}", part) for part in values["shape"]):
+        raise ProtocolError("shape", f"expected comma-separated numbers S,R,C (whole, digits only), got "
+                                     f"{excerpt(params['shape'])}")
+    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in values["spacing_mm"]):
+        raise ProtocolError("spacing_mm", f"expected three comma-separated numbers in mm, got "
+                                          f"{excerpt(params['spacing_mm'])}")
+    try:
+        spacing = [float(part) for part in values["spacing_mm"]]
+    except ValueError as error:
+        raise ProtocolError("spacing_mm", f"expected comma-separated numbers ({error})") from error
+    shape = check_shape([int(part) for part in values["shape"]], "shape",
+                        (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
+    n_bytes = check_volume_bytes(shape, "shape")
+    return shape, check_spacing(spacing, "spacing_mm", 3), n_bytes
