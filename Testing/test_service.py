@@ -135,6 +135,21 @@ def test_query_options_choose_box_decoding_and_yes_no_reads_a_probability(api, e
     assert 0 <= answer.yes_probability <= 1
 
 
+def test_answer_options_go_with_the_call_to_the_one_engine(api, engine):
+    # No sibling engine per option combination: one image cache serves every decoding and intensity rule.
+    slice_hu = _slice(21, (30, 50))
+    encoded = engine.images_encoded
+    center = api.query_slice(slice_hu, REFER, (1.0, 1.0))
+    floor = api.query_slice(slice_hu, REFER, (1.0, 1.0), options=p.AnswerOptions(box_decoding="floor"))
+    assert engine.images_encoded == encoded + 1  # the second question reused the first one's image embedding
+    assert floor.answer == center.answer
+    expected = engine.run([slice_hu], REFER, constrain_boxes=True, box_decoding="floor")[0]
+    assert [b.box for b in floor.boxes] == [tuple(float(v) for v in d.box) for d in expected.boxes]
+    paper = api.query_slice(slice_hu, REFER, (1.0, 1.0), options=p.AnswerOptions(image_variant="paper"))
+    assert engine.images_encoded == encoded + 2  # another intensity rule is another image
+    assert paper.answer == engine.run([slice_hu], REFER, constrain_boxes=True, image_variant="paper")[0].answer
+
+
 def test_chat_answers_the_last_user_turn_like_the_engine(api, engine):
     slice_hu = _slice(3)
     messages = [p.ChatMessage("user", "what organ is this?"), p.ChatMessage("assistant", "the pancreas"),

@@ -62,9 +62,10 @@ class InferenceEngine:
                  model_id: str | None = None, precision: str | None = None, synthetic: bool = False,
                  image_cache_bytes: int = 1 << 30) -> None:
         """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). batch_size: slices per model call, or
-        "auto": sized to memory (`backend.batching.auto_batch_size`). box_decoding: "center" (the middle
-        of the grid cell) or "floor" (upstream's evaluation). image_variant: the intensity rule of
-        `SlicerMiniGPTPancreas.preprocess` ("window" = upstream HEAD, "paper"). precision: how the weights are
+        "auto": sized to memory (`backend.batching.auto_batch_size`). box_decoding, image_variant: the defaults
+        of `run` and `chat`, which take either per call: box_decoding "center" (the middle of the grid cell) or
+        "floor" (upstream's evaluation); image_variant the intensity rule of `SlicerMiniGPTPancreas.preprocess`
+        ("window" = upstream HEAD, "paper"). precision: how the weights are
         held, for reports (default: the model's compute dtype, e.g. "float32"). synthetic: the model was trained
         on synthetic data only (a demonstration model; the service reports it). image_cache_bytes: how much
         memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question."""
@@ -74,14 +75,10 @@ class InferenceEngine:
             raise EngineError(f"batch_size must be a whole number >= 1 or 'auto', got {batch_size!r}.")
         if isinstance(image_cache_bytes, bool) or not isinstance(image_cache_bytes, int) or image_cache_bytes < 0:
             raise EngineError(f"image_cache_bytes must be a whole number >= 0, got {image_cache_bytes!r}.")
-        if box_decoding not in BOX_DECODINGS:
-            raise EngineError(f"box_decoding must be one of {BOX_DECODINGS}, got {box_decoding!r}.")
-        if image_variant not in preprocess.VARIANTS:
-            raise EngineError(f"image_variant must be one of {preprocess.VARIANTS}, got {image_variant!r}.")
         self.model = model.eval()  # the LoRA dropout must be off for reproducible answers
         self.batch_size = batch_size
-        self.box_decoding = box_decoding
-        self.image_variant = image_variant
+        self.box_decoding = _checked_box_decoding(box_decoding)
+        self.image_variant = _checked_image_variant(image_variant)
         self.model_id: str = model_id or "minigpt-v2"
         self.synthetic = synthetic
         self.device: str = str(model.device)
@@ -118,47 +115,56 @@ class InferenceEngine:
 
     def run(self, slices_hu: Sequence[np.ndarray], prompts: str | Sequence[str], *, max_new_tokens: int = 20,
             progress: ProgressCallback | None = None, should_cancel: Callable[[], bool] | None = None,
-            constrain_boxes: bool = False) -> list[SliceResult]:
+            constrain_boxes: bool = False, box_decoding: str | None = None,
+            image_variant: str | None = None) -> list[SliceResult]:
         """Answer one prompt per model-view HU slice [R, C] (any real dtype); `prompts` is one string for all
         slices or one per slice. Batches of `batch_size`; `progress(done, total)` after each batch;
         `should_cancel()` before each batch (True -> EngineCancelled). constrain_boxes: let the model write
-        only one box "{<x1><y1><x2><y2>}" (detection prompts; see `backend.answers.BoxGrammarConstraint`)."""
+        only one box "{<x1><y1><x2><y2>}" (detection prompts; see `backend.answers.BoxGrammarConstraint`).
+        box_decoding, image_variant: this call's (None: the engine's defaults)."""
         slices = _checked_arrays(slices_hu, "slices_hu", _check_hu_slice)
-        return self._run(slices, lambda hu: preprocess.hu_slice_to_rgb(hu, self.image_variant), prompts,
-                         max_new_tokens, progress, should_cancel, constrain_boxes, f"hu/{self.image_variant}")
+        variant = self.image_variant if image_variant is None else _checked_image_variant(image_variant)
+        return self._run(slices, lambda hu: preprocess.hu_slice_to_rgb(hu, variant), prompts, max_new_tokens,
+                         progress, should_cancel, constrain_boxes, f"hu/{variant}", box_decoding)
 
     def run_rgb(self, images_rgb: Sequence[np.ndarray], prompts: str | Sequence[str], *, max_new_tokens: int = 20,
                 progress: ProgressCallback | None = None, should_cancel: Callable[[], bool] | None = None,
-                constrain_boxes: bool = False) -> list[SliceResult]:
+                constrain_boxes: bool = False, box_decoding: str | None = None) -> list[SliceResult]:
         """`run` for ready 8-bit images (e.g. PNGs): uint8 [R, C, 3] (also [R, C] or RGBA [R, C, 4], whose alpha
         is dropped as upstream's `convert('RGB')` does). Boxes are in pixels of these images."""
         images = _checked_arrays(images_rgb, "images_rgb", _check_rgb_image)
         return self._run(images, lambda image: image, prompts, max_new_tokens, progress, should_cancel,
-                         constrain_boxes, "rgb")
+                         constrain_boxes, "rgb", box_decoding)
 
     def chat(self, slice_hu: np.ndarray, messages: Sequence[str], *, max_new_tokens: int = 300,
-             sampling: SamplingOptions | None = None) -> SliceResult:
+             sampling: SamplingOptions | None = None, box_decoding: str | None = None,
+             image_variant: str | None = None) -> SliceResult:
         """Answer the last of the user's `messages` about one HU slice, with upstream's chat template (earlier
-        answers replaced by "</s>"). Greedy unless `sampling` (upstream's demo samples; see SamplingOptions)."""
+        answers replaced by "</s>"). Greedy unless `sampling` (upstream's demo samples; see SamplingOptions).
+        box_decoding, image_variant: this call's (None: the engine's defaults)."""
         slice_hu = np.asarray(slice_hu)
         _check_hu_slice(slice_hu, "slice_hu")
         if isinstance(messages, str) or not isinstance(messages, Sequence) or not messages:
             raise EngineError("messages must be a non-empty list of the user's texts, oldest first.")
         turns = [_checked_prompt(message, f"message {index}") for index, message in enumerate(messages)]
         _check_max_new_tokens(max_new_tokens)
+        variant = self.image_variant if image_variant is None else _checked_image_variant(image_variant)
+        decoding = self.box_decoding if box_decoding is None else _checked_box_decoding(box_decoding)
         started = time.perf_counter()
-        pixels = preprocess_image(preprocess.hu_slice_to_rgb(slice_hu, self.image_variant), self.image_size)
+        pixels = preprocess_image(preprocess.hu_slice_to_rgb(slice_hu, variant), self.image_size)
         generation = self.model.chat(pixels[None], turns, max_new_tokens=max_new_tokens, sampling=sampling)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        return self._result(generation, 0, turns[-1], slice_hu.shape, elapsed_ms)
+        return self._result(generation, 0, turns[-1], slice_hu.shape, elapsed_ms, decoding)
 
     # -------------------------------------------------------------------------------------------- internals
 
     def _run(self, images: list[np.ndarray], to_rgb: Callable[[np.ndarray], np.ndarray],
              prompts: str | Sequence[str], max_new_tokens: int, progress: ProgressCallback | None,
-             should_cancel: Callable[[], bool] | None, constrain_boxes: bool, kind: str) -> list[SliceResult]:
+             should_cancel: Callable[[], bool] | None, constrain_boxes: bool, kind: str,
+             box_decoding: str | None) -> list[SliceResult]:
         questions = _checked_prompts(prompts, len(images))
         _check_max_new_tokens(max_new_tokens)
+        decoding = self.box_decoding if box_decoding is None else _checked_box_decoding(box_decoding)
         processor = self._constraint() if constrain_boxes else None
         results: list[SliceResult] = []
         total = len(images)
@@ -173,7 +179,7 @@ class InferenceEngine:
             generation = self.model.decode_batch(embeds, mask, max_new_tokens, logits_processor=processor,
                                                  drafter=self._drafter)
             share_ms = (time.perf_counter() - started) * 1000.0 / len(batch)
-            results += [self._result(generation, row, questions[i], images[i].shape, share_ms)
+            results += [self._result(generation, row, questions[i], images[i].shape, share_ms, decoding)
                         for row, i in enumerate(batch)]
             if progress is not None:
                 progress(len(results), total)
@@ -195,11 +201,12 @@ class InferenceEngine:
         return torch.stack([fresh[key] if key in fresh else self._images.get(key).to(self.model.device)
                             for key in keys])
 
-    def _result(self, generation, row: int, question: str, shape: tuple[int, ...], share_ms: float) -> SliceResult:
+    def _result(self, generation, row: int, question: str, shape: tuple[int, ...], share_ms: float,
+                box_decoding: str) -> SliceResult:
         """The SliceResult of row `row` of a `GenerationResult`, for a slice of `shape` [R, C, ...]."""
         height, width = shape[0], shape[1]
         return to_slice_result(generation.texts[row], generation.token_ids[row], generation.token_logprobs[row],
-                               self.model.tokenizer, width, height, box_decoding=self.box_decoding,
+                               self.model.tokenizer, width, height, box_decoding=box_decoding,
                                yes_prob=yes_probability(generation.first_logits[row], self._yes_id, self._no_id),
                                prompt_asks_yes_no=asks_yes_no(question), inference_ms=share_ms)
 
@@ -289,6 +296,18 @@ def _check_rgb_image(array: np.ndarray, where: str) -> None:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or array.size == 0:
         raise EngineError(f"{where}: expected an image [rows, columns, 3] (or [R, C] / [R, C, 4]), "
                           f"got shape {array.shape}.")
+
+
+def _checked_box_decoding(box_decoding: object) -> str:
+    if box_decoding not in BOX_DECODINGS:
+        raise EngineError(f"box_decoding must be one of {BOX_DECODINGS}, got {box_decoding!r}.")
+    return box_decoding
+
+
+def _checked_image_variant(image_variant: object) -> str:
+    if image_variant not in preprocess.VARIANTS:
+        raise EngineError(f"image_variant must be one of {preprocess.VARIANTS}, got {image_variant!r}.")
+    return image_variant
 
 
 def _checked_prompt(prompt: object, where: str) -> str:

@@ -18,7 +18,7 @@ from backend.engine import InferenceEngine
 from SlicerMiniGPTPancreas import protocol as p
 
 from .errors import ApiError, busy, error_reply, install_error_handlers
-from .engine_calls import EngineVariants
+from .engine_calls import EngineCalls
 from .routes import api_router, health_router
 from .security import BearerAuth, check_token
 from .state import Service, ServiceLimits
@@ -44,12 +44,12 @@ def create_app(engine: InferenceEngine | None = None, *, load_engine: Callable[[
     answers /healthz with status "loading" meanwhile, and "error" if it fails).
 
     token: required as 'Authorization: Bearer <token>' on every route but the docs (None: no token, for loopback).
-    constrain_boxes: detection prompts ("[refer] ...") may only be answered with one box (EngineVariants).
+    constrain_boxes: detection prompts ("[refer] ...") may only be answered with one box (EngineCalls).
     device_hint: the device /healthz names while loading.
     """
     worker = EngineWorker(engine, load_engine=load_engine, max_queue=limits.max_queue,
                           max_sweeps=limits.max_sweeps)
-    service = Service(worker, BearerAuth(check_token(token)), limits, EngineVariants(constrain_boxes),
+    service = Service(worker, BearerAuth(check_token(token)), limits, EngineCalls(constrain_boxes),
                       device_hint=device_hint, example_prompts=EXAMPLE_PROMPTS)
 
     @asynccontextmanager

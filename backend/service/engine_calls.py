@@ -1,9 +1,8 @@
 """Between the protocol and the engine: a request's AnswerOptions -> an engine call, its result -> the reply.
 
-Called on the engine thread (the calls) and by the handlers (the checks). `box_decoding` and `image_variant` are
-settings of an InferenceEngine, so requests that ask for other ones than the server's engine get a sibling engine
-around the same loaded model (built once per combination, cheap: no weights are copied). Slice queries and sweeps
-decode greedily, as upstream evaluates; chat may sample. Results become QueryResponse / ChatResponse with boxes in
+Called on the engine thread (the calls) and by the handlers (the checks). A request's `box_decoding` and
+`image_variant` go with its engine call, as its answer length does. Slice queries and sweeps decode greedily, as
+upstream evaluates; chat may sample. Results become QueryResponse / ChatResponse with boxes in
 pixel indices of the sent slice.
 """
 
@@ -50,42 +49,28 @@ def check_prompt(prompt: str) -> None:
         raise ApiError(p.ErrorCode.VALIDATION, f"SweepJobRequest.prompt: {error}") from error
 
 
-class EngineVariants:
-    """The server's engine and its siblings for other box decodings / image variants.
-
-    constrain_boxes: let the model write only one box "{<x1><y1><x2><y2>}" for detection prompts ("[refer] ..."),
-    so an undertrained model still answers in the grammar (multi-box answers then become impossible).
-    """
+class EngineCalls:
+    """The service's calls of its engine. constrain_boxes: let the model write only one box "{<x1><y1><x2><y2>}"
+    for detection prompts ("[refer] ..."), so an undertrained model still answers in the grammar (multi-box
+    answers then become impossible)."""
 
     def __init__(self, constrain_boxes: bool = False) -> None:
         self.constrain_boxes = constrain_boxes
-        self._siblings: dict[tuple[int, str, str], InferenceEngine] = {}
-
-    def engine_for(self, engine: InferenceEngine, options: p.AnswerOptions) -> InferenceEngine:
-        if (options.box_decoding, options.image_variant) == (engine.box_decoding, engine.image_variant):
-            return engine
-        key = (id(engine), options.box_decoding, options.image_variant)
-        if key not in self._siblings:
-            self._siblings[key] = InferenceEngine(
-                engine.model, batch_size=engine.batch_size, box_decoding=options.box_decoding,
-                image_variant=options.image_variant, model_id=engine.model_id, precision=engine.precision,
-                synthetic=engine.synthetic)
-        return self._siblings[key]
 
     def run(self, engine: InferenceEngine, slices_hu: Sequence[np.ndarray], prompt: str,
             options: p.AnswerOptions) -> list[Any]:
         """Greedy answers (engine SliceResults) to `prompt` on each slice."""
         constrain = self.constrain_boxes and prompt.lstrip().lower().startswith(DETECTION_TAG)
-        return self.engine_for(engine, options).run(list(slices_hu), prompt, max_new_tokens=options.max_new_tokens,
-                                                    constrain_boxes=constrain)
+        return engine.run(list(slices_hu), prompt, max_new_tokens=options.max_new_tokens, constrain_boxes=constrain,
+                          box_decoding=options.box_decoding, image_variant=options.image_variant)
 
     def chat(self, engine: InferenceEngine, request: p.ChatRequest) -> Any:
         """The engine's answer to the last user turn (upstream's chat template drops earlier answers)."""
         options = request.options
         sampling = SamplingOptions(temperature=options.temperature) if options.temperature > 0 else None
         user_turns = [message.text for message in request.messages if message.role == "user"]
-        return self.engine_for(engine, options).chat(request.slice_hu, user_turns,
-                                                     max_new_tokens=options.max_new_tokens, sampling=sampling)
+        return engine.chat(request.slice_hu, user_turns, max_new_tokens=options.max_new_tokens, sampling=sampling,
+                           box_decoding=options.box_decoding, image_variant=options.image_variant)
 
 
 # --- engine results -> replies --------------------------------------------------------------------------------

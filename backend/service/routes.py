@@ -77,7 +77,7 @@ async def query(request: Request) -> JSONResponse:
     message = await read_message(request, p.SliceQueryRequest, service.bodies)
     check_greedy(message.options, "slice queries")
     future = service.worker.submit(
-        lambda engine: service.variants.run(engine, [message.slice_hu], message.prompt, message.options)[0])
+        lambda engine: service.engine_calls.run(engine, [message.slice_hu], message.prompt, message.options)[0])
     timed = await _wait(service, request, future)
     return _reply(query_response(timed.value, service.worker.engine.model_id, slice_index=message.slice_index,
                                  queue_ms=timed.queue_ms))
@@ -91,7 +91,7 @@ async def chat(request: Request) -> JSONResponse:
     service.worker.check_room()
     message = await read_message(request, p.ChatRequest, service.bodies)
     check_temperature(message.options)
-    future = service.worker.submit(lambda engine: service.variants.chat(engine, message))
+    future = service.worker.submit(lambda engine: service.engine_calls.chat(engine, message))
     timed = await _wait(service, request, future)
     return _reply(chat_response(timed.value, service.worker.engine.model_id))
 
@@ -138,7 +138,7 @@ async def start_sweep(request: Request) -> JSONResponse:
                                                f"{slices - 1})")
     engine = service.ready_engine()
     job = SweepJob(volume, range(message.slice_start, stop, message.step), engine.batch_size,
-                   lambda engine, batch: service.variants.run(engine, batch, message.prompt, message.options))
+                   lambda engine, batch: service.engine_calls.run(engine, batch, message.prompt, message.options))
     service.worker.add_sweep(job)
     service.jobs.add(job)
     return _reply(job.status(), status=202)

@@ -12,7 +12,7 @@ from SlicerMiniGPTPancreas.wire_arrays import MAX_VOLUME_BYTES
 from .bodies import BodySlots
 from .errors import ApiError
 from .jobs import JobStore
-from .engine_calls import EngineVariants
+from .engine_calls import EngineCalls
 from .security import BearerAuth
 from .volumes import VolumeStore
 from .worker import EngineWorker
@@ -52,7 +52,7 @@ class Service:
     worker: EngineWorker
     auth: BearerAuth
     limits: ServiceLimits
-    variants: EngineVariants
+    engine_calls: EngineCalls
     device_hint: str = "unknown"  # reported by /healthz while the model loads
     example_prompts: tuple[str, ...] = ()
     server_version: str = field(default_factory=server_version)
