@@ -20,6 +20,24 @@ def rich_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def split_word_tokenizer(tmp_path_factory):
+    """A LLaMA-like SentencePiece model that never saw "yes" or "no" as words: it spells both in several pieces."""
+    import io
+
+    import sentencepiece as spm
+
+    from backend.tiny import _DETERMINISM_OPTIONS, _LLAMA_LIKE_OPTIONS
+
+    corpus = ["give me the location of the pancreas", "you yet young", "not new now", "$$ $$ 0123456789 {<>}"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=300,
+                                   hard_vocab_limit=False, **_LLAMA_LIKE_OPTIONS, **_DETERMINISM_OPTIONS)
+    path = tmp_path_factory.mktemp("split") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return UpstreamLlamaTokenizer(path)
+
+
+@pytest.fixture(scope="module")
 def demo_tokenizer():
     from pathlib import Path
     return UpstreamLlamaTokenizer(Path(__file__).parents[1] / "backend" / "demo_model" / "model" /
@@ -47,10 +65,19 @@ def test_p_yes_sums_every_single_token_spelling_of_yes_and_of_no(rich_tokenizer)
     assert yes_probability(logits, yes_ids, no_ids) == pytest.approx(0.5 / 0.7, abs=1e-4)
 
 
-def test_a_word_of_several_pieces_is_read_from_its_first_piece_with_a_warning(demo_tokenizer, caplog):
+def test_the_demo_model_reads_yes_and_no_as_whole_words(demo_tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="backend.answers"):
         yes_ids, no_ids = yes_no_token_ids(demo_tokenizer)
-    assert [demo_tokenizer.id_to_piece(i) for i in yes_ids + no_ids] == ["\u2581y", "\u2581"]
+    assert [demo_tokenizer.id_to_piece(i) for i in yes_ids] == ["\u2581yes"]
+    assert {demo_tokenizer.id_to_piece(i) for i in no_ids} == {"\u2581no", "no"}
+    assert "single token" not in caplog.text
+
+
+def test_a_word_of_several_pieces_is_read_from_its_first_piece_with_a_warning(split_word_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="backend.answers"):
+        yes_ids, no_ids = yes_no_token_ids(split_word_tokenizer)
+    first = [split_word_tokenizer.id_to_piece(split_word_tokenizer.encode(word)[0]) for word in ("yes", "no")]
+    assert [split_word_tokenizer.id_to_piece(i) for i in yes_ids + no_ids] == first
     assert "'no' is no single token of this tokenizer" in caplog.text and "approximate" in caplog.text
 
 
