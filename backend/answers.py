@@ -194,6 +194,18 @@ def _geometric_mean(logprobs: Sequence[float], spans: Sequence[tuple[int, int] |
 
 # ---------------------------------------------------------------------------------------- box constraint
 
+def box_piece_texts(tokenizer) -> dict[int, str]:
+    """id -> text ("▁" as a space) of every ordinary piece made only of box characters: what a box is spelled in."""
+    sp, pieces = tokenizer.sp, {}
+    for token_id in range(tokenizer.vocab_size):
+        if sp.is_byte(token_id) or sp.is_control(token_id) or sp.is_unknown(token_id):
+            continue
+        text = sp.id_to_piece(token_id).replace("\u2581", " ")
+        if text and all(char in " {}<>0123456789" for char in text):
+            pieces[token_id] = text
+    return pieces
+
+
 class BoxGrammarConstraint:
     """Logits processor (see `backend.decoding.LogitsProcessor`) forcing each answer to " {<x1><y1><x2><y2>}"
     then EOS: values 0..100 without leading zeros, x1 <= x2, y1 <= y2. Among the allowed tokens the model's own
@@ -201,14 +213,7 @@ class BoxGrammarConstraint:
 
     def __init__(self, tokenizer) -> None:
         self.eos_id = tokenizer.eos_id
-        sp = tokenizer.sp
-        self.piece_text: dict[int, str] = {}  # candidate id -> its text ("▁" as a space)
-        for token_id in range(tokenizer.vocab_size):
-            if sp.is_byte(token_id) or sp.is_control(token_id) or sp.is_unknown(token_id):
-                continue
-            text = sp.id_to_piece(token_id).replace("\u2581", " ")
-            if text and all(char in " {}<>0123456789" for char in text):
-                self.piece_text[token_id] = text
+        self.piece_text = box_piece_texts(tokenizer)  # the only candidates
 
     def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """generated [B, t] ids so far, logits [B, V] -> logits with every disallowed token at -inf."""

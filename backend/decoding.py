@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend.answers import box_piece_texts
 from backend.batching import positions_from_mask
 
 # (tokens generated so far [B, t] long, next-token logits [B, V] float32) -> adjusted logits [B, V]
@@ -221,14 +222,7 @@ class BoxDrafter:
 
     def __init__(self, tokenizer) -> None:
         self.eos_id = tokenizer.eos_id
-        sp = tokenizer.sp
-        self.piece_text: dict[int, str] = {}  # id -> text of the pieces made of box characters only
-        for token_id in range(tokenizer.vocab_size):
-            if sp.is_byte(token_id) or sp.is_control(token_id) or sp.is_unknown(token_id):
-                continue
-            text = sp.id_to_piece(token_id).replace("\u2581", " ")
-            if text and all(char in " {}<>0123456789" for char in text):
-                self.piece_text[token_id] = text
+        self.piece_text = box_piece_texts(tokenizer)
         by_text = {text: token_id for token_id, text in self.piece_text.items()}
         self.opening, self.separator, self.closing = (self._spelled(text, by_text) for text in ("<", "><", ">}"))
 
