@@ -38,6 +38,13 @@ def test_bench_refuses_bad_options(capsys, tmp_path):
     assert "not a model folder" in capsys.readouterr().err
 
 
+def test_bench_without_a_demo_model_says_how_to_build_one(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIGPT_PANCREAS_DEMO_MODEL", str(tmp_path / "missing"))
+    assert main(["bench", "--slices", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "no bundled demo model" in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
 def test_bench_slices_show_the_pancreas_in_the_middle():
     slices = bench_slices(48)
     assert len(slices) == 48 and all(s.ndim == 2 for s in slices)

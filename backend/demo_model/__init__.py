@@ -20,13 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 ENVIRONMENT_VARIABLE = "MINIGPT_PANCREAS_DEMO_MODEL"
 BUILD_COMMAND = "minigpt-pancreas-train cascade training/configs/demo/cascade.json"
 MANIFEST_FILE = "minigpt_model.json"  # backend.model_dir.MANIFEST_FILE, named again so that no torch is imported
 
 
-class DemoModelError(ValueError):
+class DemoModelError(UserError, ValueError):
     """The bundled demo model is not there (not built yet, or $MINIGPT_PANCREAS_DEMO_MODEL points elsewhere)."""
 
 
