@@ -12,14 +12,20 @@ any newly created file (0o666 less the umask, 0o644 with the usual umask 022), n
 No `fsync`: the guarantee is against the writing process failing or being stopped, not against a power cut or
 an operating-system crash, after which a just-renamed file may be empty. Syncing every file would make `prepare`
 (thousands of small PNGs) and the test suite much slower for a case a re-run repairs.
+
+Folders the same way (`staged_folder`): built in a hidden staging folder beside the target and swapped into place
+only when complete, so a failed run never leaves a half-written folder and never loses the previous one.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_bytes"]
@@ -59,3 +65,28 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes, only_if_changed: 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(target, lambda temporary: temporary.write_bytes(data))
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """An earlier output is removed only after the new one is complete."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = out.with_name(f".old-{secrets.token_hex(8)}-{out.name}")
+    os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes, staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import LPS_TO_RAS
 from SlicerMiniGPTPancreas.phantom import Phantom, direction_lps, reorient
@@ -221,11 +219,9 @@ def _write_dicom_case(sitk, phantom: Phantom, case_id: int, root: Path, shuffle_
         "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": representation,
     }
     image = to_sitk_image(phantom, phantom.hu.astype(np.float32))
-    final = root / f"PANCREAS_{case_id:04d}"
-    staging = root / f".tmp-{uuid.uuid4().hex}-{final.name}"
-    series_path = staging / study_dir / series_dir
-    series_path.mkdir(parents=True)
-    try:
+    with staged_folder(root / f"PANCREAS_{case_id:04d}") as staging:
+        series_path = staging / study_dir / series_dir
+        series_path.mkdir(parents=True)
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         for k in range(n_slices):
@@ -237,16 +233,3 @@ def _write_dicom_case(sitk, phantom: Phantom, case_id: int, root: Path, shuffle_
                 slice_image.SetMetaData(tag, value)
             writer.SetFileName(str(series_path / f"1-{name_numbers[k]:03d}.dcm"))
             writer.Execute(slice_image)
-        _swap_in(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    """Move a finished folder into place, replacing an older one only once the new one is complete."""
-    retired = final.with_name(f".old-{uuid.uuid4().hex}-{final.name}")
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
-

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes, staged_folder
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
 
@@ -143,3 +143,18 @@ def test_only_if_changed_leaves_an_identical_file_and_its_mtime_alone(tmp_path):
     atomic_write_bytes(target, b'{"train": [2]}\n')  # identical, but not asked to skip: written again
     assert target.stat().st_mtime > old_time
     assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    out = tmp_path / "results"
+    with staged_folder(out) as staging:
+        (staging / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first"
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as staging:
+        (staging / "a.txt").write_text("half")
+        raise KeyboardInterrupt  # Ctrl-C mid-write
+    assert (out / "a.txt").read_text() == "first"  # the previous output is untouched
+    with staged_folder(out) as staging:
+        (staging / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no staging or retired folder left

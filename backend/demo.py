@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.output_folder import staged_folder
+from SlicerMiniGPTPancreas.atomic import staged_folder
 
 DEFAULT_SEED = 7  # the demo cascade trains on seeds >= 100000, so this patient is unseen
 

@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from backend.checkpoint_io import sha256_of
 from backend.checkpoints import BaseFiles
 from backend.commands.model_options import ModelSourceError
-from backend.checkpoint_io import sha256_of
 from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, check_base_files, read_manifest
-from backend.output_folder import staged_folder
 from backend.tokenizer import MODEL_FILE_NAME
+from SlicerMiniGPTPancreas.atomic import staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
 from training.config import LATEST_FILE, model_dir_name
 

@@ -38,13 +38,12 @@ from backend.checkpoints import load_upstream
 from backend.config import MiniGPTConfig
 from backend.model import MiniGPTv2
 from backend.model_dir import load_model, read_manifest, save_model_dir
-from backend.output_folder import staged_folder
-from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes, staged_folder
 from training.base_weights import ScratchSizes, write_initial_base, write_trained_base
 from training.config import (LATEST_FILE, LOG_FILE, SCRATCH_FOLDER, FitConfig, FitConfigError, checkpoint_name,
                              model_dir_name, prepare_output_dir, resolve_previous_stage)
-from training.data import TrainingData
 from training.answer_value import AnswerValueLoss
+from training.data import TrainingData
 from training.patch_grounding import PatchGroundingLoss
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from backend import prompts
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
-from backend.output_folder import staged_folder
+from SlicerMiniGPTPancreas.atomic import staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
 
 DEFAULT_PROMPT = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # upstream's evaluation refer prompt
