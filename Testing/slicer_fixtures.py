@@ -3,8 +3,7 @@ model views and truth boxes, and a real server in a thread.
 
 Importing this module skips the importing test module when the slicer-core wheel (MRML without the Slicer
 application) is missing, and puts MiniGPTPancreasModule/ on sys.path so `MiniGPTPancreasLib` imports.
-Each test module declares its own `scene` and `phantom` fixtures from new_scene() and noise_free_phantom(): fixtures
-imported by name would read to linters as unused imports shadowed by the test arguments.
+The `scene` and `phantom` fixtures built from new_scene() and noise_free_phantom() live in Testing/conftest.py.
 """
 
 from __future__ import annotations

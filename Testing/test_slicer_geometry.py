@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 # slicer_fixtures first: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
-from slicer_fixtures import ROTATE_90_AND_SHIFT, add_ct, expected_view, new_scene, noise_free_phantom
+from slicer_fixtures import ROTATE_90_AND_SHIFT, add_ct, expected_view
 
 import vtk  # noqa: E402  (installed with slicer-core)
 from MiniGPTPancreasLib import boxes_to_markups, volume_geometry
@@ -19,16 +19,6 @@ from MiniGPTPancreasLib.boxes_to_markups import PlacedBox, add_box_rois, roi_wor
 from MiniGPTPancreasLib.fusion import apply_threshold
 from SlicerMiniGPTPancreas.geometry import GeometryError, ObliqueVolumeError
 from SlicerMiniGPTPancreas.phantom import reorient
-
-
-@pytest.fixture
-def scene():
-    return new_scene()
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return noise_free_phantom()
 
 
 # ----------------------------------------------------------------------------------------- volume geometry

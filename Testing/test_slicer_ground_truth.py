@@ -12,24 +12,13 @@ import numpy as np
 import pytest
 
 # slicer_fixtures first: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
-from slicer_fixtures import (ROTATE_90_AND_SHIFT, add_ct, expected_view, new_scene, noise_free_phantom,
-                             truth_slices)
+from slicer_fixtures import ROTATE_90_AND_SHIFT, add_ct, expected_view, truth_slices
 
 import slicer  # noqa: E402  (the slicer-core wheel)
 from MiniGPTPancreasLib import ground_truth, volume_geometry
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
 from SlicerMiniGPTPancreas.phantom import reorient
-
-
-@pytest.fixture
-def scene():
-    return new_scene()
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return noise_free_phantom()
 
 
 # ----------------------------------------------------------------------------------------------- ground truth

@@ -17,7 +17,7 @@ from gated_engine import GatedEngine
 from live_server import LiveServer
 # slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
 from slicer_fixtures import (REFER, ROTATE_90_AND_SHIFT, TUMOUR, WAIT_S, Gate, add_ct,
-                             expected_view, new_scene, noise_free_phantom, truth_slices)
+                             expected_view, truth_slices)
 
 from MiniGPTPancreasLib import boxes_to_markups, prompts
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
@@ -26,16 +26,6 @@ from MiniGPTPancreasLib.summaries import describe_response, describe_sweep
 from MiniGPTPancreasLib.worker import FAILED, FINISHED, PROGRESS, BackgroundTask, TaskRunner
 from SlicerMiniGPTPancreas.geometry import GeometryError
 from SlicerMiniGPTPancreas.phantom import reorient
-
-
-@pytest.fixture
-def scene():
-    return new_scene()
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return noise_free_phantom()
 
 
 # ------------------------------------------------------------------------------------------------- worker

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 # slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
-from slicer_fixtures import REFER, add_ct, expected_view, new_scene, noise_free_phantom
+from slicer_fixtures import REFER, add_ct, expected_view
 
 from MiniGPTPancreasLib.boxes_to_markups import PlacedBox, add_box_rois, roi_world_center_and_size
 from MiniGPTPancreasLib.fusion import run_rois
@@ -25,16 +25,6 @@ from SlicerMiniGPTPancreas.phantom import reorient
 TC_PROMPT = "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
 PANCREAS_BOX = (40.0, 50.0, 70.0, 66.0)
 OUTLIER_BOX = (5.0, 5.0, 20.0, 15.0)
-
-
-@pytest.fixture
-def scene():
-    return new_scene()
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return noise_free_phantom()
 
 
 def boxes_answer(s, *boxes):
