@@ -129,13 +129,17 @@ def _wait_for_model(client: c.MiniGPTPancreasClient, server: subprocess.Popen):
     raise AssertionError("the server did not load the model in time")
 
 
-@pytest.mark.parametrize("argv", [["predict", "ct.nii.gz"], ["serve"], ["evaluate"]])
-def test_every_command_takes_the_same_device_and_dtype_values(argv, capsys):
+@pytest.mark.parametrize("argv", [["predict", "ct.nii.gz"], ["serve"], ["evaluate"], ["demo"], ["bench"]])
+def test_every_command_takes_the_same_model_options(argv, capsys):
     parser = build_parser("minigpt-pancreas-train", "", training_cli.COMMANDS) if argv == ["evaluate"] \
         else build_parser()
     for device in ("auto", "cpu", "cuda", "cuda:1"):
         args = parser.parse_args([*argv, "--device", device, "--dtype", "bfloat16"])
         assert (args.device, args.dtype, args.model, args.upstream) == (device, "bfloat16", None, None)
+    args = parser.parse_args([*argv, "--upstream", "vit.pth", "llama", "ckpt.pth", "--image-size", "224",
+                              "--quantization", "8bit", "--batch-size", "auto"])
+    assert ([str(path) for path in args.upstream], args.image_size, args.quantization, args.batch_size) == (
+        ["vit.pth", "llama", "ckpt.pth"], 224, "8bit", "auto")
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--device", "gpu"])
     assert "'gpu' is not auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -12,21 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from backend.commands.model_options import DTYPES, ModelSourceError, device_name
+from backend.commands.model_options import (ModelSourceError, add_model_arguments, engine_from_args,
+                                            resolve_model_source)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="a model folder; default: the bundled demo model")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="default auto: float32 on the CPU")
+    add_model_arguments(parser, default_batch_size="auto")
     parser.add_argument("--slices", type=int, default=32, metavar="N", help="slices of the synthetic CT (default 32)")
-    parser.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N",
-                        help="engine slices per call, or auto (default): sized to memory")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="per answer (default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--true-size", action="store_true",
                         help="load EVA ViT-g 448 px + LLaMA-2-7B shapes + LoRA r64 (random weights, original file "
-                             "formats) in bfloat16 and answer one slice; needs ~20 GB memory and ~16 GB disk")
+                             "formats) in bfloat16 and answer one slice; needs ~20 GB memory and ~16 GB disk; the "
+                             "model options are not used")
     parser.add_argument("--scratch", metavar="DIR", help="with --true-size: where the files go (default: the temp dir)")
 
 
@@ -36,31 +34,15 @@ def run(args: argparse.Namespace) -> int:
             raise ModelSourceError(f"{option} must be at least 1, got {value}.")
     if args.true_size:
         return _true_size(args)
-    from pathlib import Path
-
     from backend.bench.sweep_vs_plain import bench_slices, run_sweep_bench
-    from backend.demo_model import bundled_model_dir, default_model_notice
-    from backend.engine import load_engine
 
-    model = Path(args.model) if args.model else bundled_model_dir()
-    if not args.json and args.model is None:
-        print(default_model_notice(model), flush=True)
-    engine = load_engine(model_dir=model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                         batch_size=args.batch_size)
+    resolve_model_source(args, announce=not args.json)  # --json: stdout is the one JSON object
+    engine = engine_from_args(args)
     result = run_sweep_bench(engine, bench_slices(args.slices), max_new_tokens=args.max_new_tokens)
     report = {"model": engine.model_id, "device": engine.device, "precision": engine.precision,
               "image_size": engine.image_size, "batch_size": engine.batch_size, **result.to_dict()}
     print(json.dumps(report, indent=2) if args.json else _text(report))
     return 0
-
-
-def _batch_size(text: str) -> int | str:
-    """argparse type of --batch-size: auto or a whole number >= 1."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number >= 1")
-    return int(text)
 
 
 def _text(report: dict) -> str:

@@ -1,8 +1,9 @@
-"""The model options of `predict`, `serve` and `minigpt-pancreas-train evaluate`, defined once.
+"""The model options of `predict`, `serve`, `demo`, `bench` and `minigpt-pancreas-train evaluate`, defined once.
 
 Where the model comes from (--model DIR, --upstream VIT LLAMA CKPT, or by default the bundled demo model), where
 it runs (--device) and how its weights are held (--dtype, --quantization), and how many slices go into one model
-call (--batch-size). `resolve_model_source` checks all of it before the slow loading, `engine_from_args` loads.
+call (--batch-size: a number, or auto to size it to memory). `resolve_model_source` checks all of it before the
+slow loading, `engine_from_args` loads.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ def device_name(text: str) -> str:
     return text
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """Add the model options; returns the group of --model / --upstream, for a command's other exclusive sources."""
+def batch_size(text: str) -> int | str:
+    """argparse type of --batch-size: auto, or a whole number (checked >= 1 by `resolve_model_source`)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number") from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser,
+                        default_batch_size: int | str = 8) -> argparse._MutuallyExclusiveGroup:
+    """Add the model options; returns the group of --model / --upstream, for a command's other exclusive sources.
+    default_batch_size: 8 (upstream's evaluation batch), or "auto" for a command that measures the engine."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, metavar="DIR",
                         help="a model folder (import-upstream, training export, fit's model_epoch_N); default: the "
@@ -45,24 +58,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyEx
                         help="weights precision (default auto: float32 on the CPU, bfloat16 or float16 on a GPU)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                         help="load the LLaMA weights in 8 or 4 bits (CUDA + bitsandbytes)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="slices per model call (default 8)")
+    parser.add_argument("--batch-size", type=batch_size, default=default_batch_size, metavar="N",
+                        help=f"slices per model call, or auto: sized to memory (default {default_batch_size})")
     return source
 
 
-def resolve_model_source(args: argparse.Namespace) -> None:
+def resolve_model_source(args: argparse.Namespace, announce: bool = True) -> None:
     """Check the model options cheaply (before minutes of loading). Without --model and --upstream, take the bundled
-    demo model and print so as the command's first output line."""
+    demo model and, if `announce` (not for a command whose output is one JSON object), print so as the command's
+    first output line."""
     from backend.demo_model import DemoModelError, bundled_model_dir, default_model_notice
 
     for option, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
-        if value < 1:
+        if value != "auto" and value < 1:
             raise ModelSourceError(f"{option} must be at least 1, got {value}.")
     if args.model is None and args.upstream is None:
         try:
             args.model = bundled_model_dir()
         except DemoModelError as error:  # its message says how to build it or what to pass instead
             raise ModelSourceError(str(error)) from error
-        print(default_model_notice(args.model), flush=True)
+        if announce:
+            print(default_model_notice(args.model), flush=True)
     if args.model is not None:
         _check_model_folder(args.model)
     else:
