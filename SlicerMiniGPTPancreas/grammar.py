@@ -19,14 +19,13 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Sequence
 
 from .errors import UserError
 
 GRID = 100
 Box = tuple[float, float, float, float]  # (x_min, y_min, x_max, y_max) in pixel index coordinates; x = column
 ABSENT_ANSWER = "{<0><0><0><0>}"
-DELIM = "<delim>"
 
 AnswerKind = Literal["boxes", "yes_no", "text", "invalid"]
 
@@ -107,30 +106,6 @@ def render_box(box: Sequence[float] | None, width: int, height: int) -> str:
         raise GrammarError(f"box {tuple(box)} has min > max; boxes are (x_min, y_min, x_max, y_max)")
     values = (_grid_value(x1, w), _grid_value(y1, h), _grid_value(x2, w), _grid_value(y2, h))
     return "{" + "".join(f"<{v}>" for v in values) + "}"
-
-
-def render_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> str:
-    """Render several boxes joined by "<delim>"; an empty list renders the absent answer."""
-    if not boxes:
-        return ABSENT_ANSWER
-    return DELIM.join(render_box(box, width, height) for box in boxes)
-
-
-def render_phrase_boxes(boxes_by_label: Mapping[str, Sequence[Sequence[float]]], width: int, height: int) -> str:
-    """Render "<p>label</p> {..}<delim>{..}" groups joined by a space (grounding/detection style).
-
-    A label with an empty box list renders "<p>label</p> {<0><0><0><0>}" (that structure is absent); an empty
-    mapping renders the plain absent answer.
-    """
-    if not boxes_by_label:
-        return ABSENT_ANSWER
-    groups = []
-    for label, boxes in boxes_by_label.items():
-        clean = str(label).strip()
-        if not clean or any(ch in clean for ch in "<>{}"):
-            raise GrammarError(f"phrase label {label!r} must be non-empty text without '<', '>', '{{' or '}}'")
-        groups.append(f"<p>{clean}</p> {render_boxes(boxes, width, height)}")
-    return " ".join(groups)
 
 
 # ------------------------------------------------------------------------------------------------- parsing

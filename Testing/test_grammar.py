@@ -19,10 +19,9 @@ from SlicerMiniGPTPancreas.grammar import (
     parse_answer,
     parse_yes_no,
     render_box,
-    render_boxes,
-    render_phrase_boxes,
 )
 from SlicerMiniGPTPancreas.metrics import box_iou
+from answer_texts import render_boxes, render_phrase_boxes
 
 # ------------------------------------------------------------------------------------------------ render
 
