@@ -44,7 +44,7 @@ ROUTE_SWEEPS = API_PREFIX + "/sweeps"  # POST SweepJobRequest -> SweepJobStatus
 ROUTE_SWEEP = API_PREFIX + "/sweeps/{job_id}"  # GET -> SweepJobStatus; DELETE cancels -> SweepJobStatus
 ROUTE_CHAT = API_PREFIX + "/chat"  # POST ChatRequest -> ChatResponse
 
-MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_CHARS = 2000  # a prompt's wire form; what it may say is backend.prompts.check_question's rule
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_CHAT_MESSAGES = 64
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # volume and job ids: safe inside a URL path

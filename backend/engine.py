@@ -311,14 +311,10 @@ def _checked_image_variant(image_variant: object) -> str:
 
 
 def _checked_prompt(prompt: object, where: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise EngineError(f"{where} is empty or not text ({prompt!r}); ask a question, e.g. "
-                          f"{prompt_text.refer_eval_instruction(prompt_text.PANCREAS_PHRASE)!r}.")
     try:
-        prompt_text.inference_prompt(prompt)
+        return prompt_text.check_question(prompt, where)
     except prompt_text.PromptError as error:
-        raise EngineError(f"{where}: {error}") from error
-    return prompt
+        raise EngineError(str(error)) from error
 
 
 def _checked_prompts(prompts: str | Sequence[str], count: int) -> list[str]:

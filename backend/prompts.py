@@ -68,12 +68,18 @@ class PromptError(UserError, ValueError):
     """A prompt or question cannot be rendered the upstream way."""
 
 
-def _check_question(question: str) -> None:
+def check_question(question: object, where: str | None = None) -> str:
+    """The one content rule for what is asked of the model: non-blank text without the image marker (the template
+    places the image itself). The protocol checks only a prompt's wire form (a string within MAX_PROMPT_CHARS); the
+    engine applies this rule to every question, and `predict` and the service's sweep route apply it early, before
+    minutes of work. Returns the question; PromptError otherwise, naming `where` (the field or option holding it)."""
+    if not isinstance(question, str) or not question.strip():
+        raise PromptError(f"{where or 'the question'} is empty or not text ({question!r}); ask a question, e.g. "
+                          f"{refer_eval_instruction(PANCREAS_PHRASE)!r}.")
     if IMAGE_PLACEHOLDER in question:
-        raise PromptError(
-            f"the question must not contain {IMAGE_PLACEHOLDER!r}: that marker is where the image goes. "
-            "Remove it from the question."
-        )
+        raise PromptError(f"{where + ': ' if where else ''}the question must not contain {IMAGE_PLACEHOLDER!r}: that "
+                          "marker is where the image goes. Remove it from the question.")
+    return question
 
 
 def inference_prompt(question: str) -> str:
@@ -92,7 +98,7 @@ def chat_prompt(turns: Sequence[str]) -> str:
     if not turns:
         raise PromptError("a chat needs at least one user message")
     for question in turns:
-        _check_question(question)
+        check_question(question)
     messages = [f"{IMAGE_BLOCK} {turns[0]}", *turns[1:]]
     prompt = ""
     for index, message in enumerate(messages):
@@ -119,7 +125,7 @@ def training_instruction(instruction: str) -> str:
     The dataset writes "<Img><ImageHere></Img> {instruction} " (trailing space), then `PROMPT_TEMPLATE` adds
     its own space. The BOS is not part of the text: training prepends it as an embedding.
     """
-    _check_question(instruction)
+    check_question(instruction)
     return PROMPT_TEMPLATE.format(f"{IMAGE_BLOCK} {instruction} ")
 
 

@@ -217,9 +217,7 @@ def _check_options(args: argparse.Namespace, prompt: str) -> None:
                            "--constrain-boxes.")
     if args.max_new_tokens < 1:
         raise PredictError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    if not prompt.strip():
-        raise PredictError(f"--prompt is empty; ask a question, e.g. {DEFAULT_PROMPT!r}.")
-    prompts.inference_prompt(prompt)  # PromptError (a ValueError) for text the prompt template cannot take
+    prompts.check_question(prompt, "--prompt")
 
 
 def _check_output_folder(out: Path) -> None:

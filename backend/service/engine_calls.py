@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from backend import prompts
 from backend.decoding import SamplingOptions
 from backend.engine import InferenceEngine
 from SlicerMiniGPTPancreas import protocol as p
@@ -39,14 +38,6 @@ def check_temperature(options: p.AnswerOptions) -> None:
         raise ApiError(p.ErrorCode.VALIDATION,
                        f"AnswerOptions.temperature: {options.temperature:g} is too small to sample with; send 0 "
                        f"for greedy answers or at least {MIN_TEMPERATURE:g}")
-
-
-def check_prompt(prompt: str) -> None:
-    """Refuse a prompt the model cannot take before a sweep is queued (a slice query hears it from the engine)."""
-    try:
-        prompts.inference_prompt(prompt)
-    except prompts.PromptError as error:
-        raise ApiError(p.ErrorCode.VALIDATION, f"SweepJobRequest.prompt: {error}") from error
 
 
 class EngineCalls:

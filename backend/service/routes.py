@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from backend.prompts import check_question
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.validation import Schema
 from SlicerMiniGPTPancreas.wire_arrays import parse_volume_params
@@ -19,7 +20,7 @@ from SlicerMiniGPTPancreas.wire_arrays import parse_volume_params
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
 )
-from .engine_calls import chat_response, check_greedy, check_prompt, check_temperature, query_response
+from .engine_calls import chat_response, check_greedy, check_temperature, query_response
 from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
 from .security import check_client_version, require_token
@@ -128,7 +129,7 @@ async def start_sweep(request: Request) -> JSONResponse:
     service = _service(request)
     message = await read_message(request, p.SweepJobRequest, service.bodies, MAX_SMALL_JSON_BYTES)
     check_greedy(message.options, "sweeps")
-    check_prompt(message.prompt)
+    check_question(message.prompt, "SweepJobRequest.prompt")  # a PromptError: refused before it is queued
     volume = service.volumes.get(message.volume_id)
     slices = volume.array.shape[0]
     stop = slices if message.slice_stop is None else message.slice_stop
