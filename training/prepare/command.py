@@ -1,8 +1,8 @@
 """`minigpt-pancreas-train prepare`: options, the optional JSON config, and exit codes.
 
 Exit codes: 0 done (volumes that could not be prepared are listed and skipped); 1 with --strict when any
-volume or file was skipped, or when the output cannot be written; 2 user error (bad option, root or config),
-printed as one line; 130 interrupted (finished volumes are kept: rerun the same command to resume).
+volume or file was skipped; 2 user error (bad option, root or config, an output that cannot be written), printed
+as one line by the command runner; 130 interrupted (finished volumes are kept: rerun the same command to resume).
 
 Config file (JSON) for `--all`, every key optional except "roots"; relative paths are relative to the file:
     {"roots": {"nih": "Pancreas-CT", "msd": "Task07_Pancreas", "abdomenct1k": "AbdomenCT-1K"},
@@ -59,20 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `prepare`; user errors are printed as one line and return 2."""
-    try:
-        options = build_options(args)
-        from training.prepare.pipeline import run_prepare
+    """Run `prepare`; its user errors (PrepareError, OutputError) go to the command runner, which prints one line."""
+    options = build_options(args)
+    from training.prepare.pipeline import run_prepare
 
-        echo = _quiet_echo if args.quiet else print
+    echo = _quiet_echo if args.quiet else print
+    try:
         report = run_prepare(options, echo=echo)
-    except PrepareError as error:
-        print(f"minigpt-pancreas-train prepare: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the output folder cannot be written (permissions, disk full)
-        print(f"minigpt-pancreas-train prepare: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # more than the runner's note: what was kept, and how to go on
         print("\ninterrupted: finished volumes are kept; rerun the same command to resume.", file=sys.stderr)
         return 130
     return 1 if args.strict and report.problems else 0

@@ -2,7 +2,8 @@
 
 Every file `prepare` writes appears whole or not at all (`SlicerMiniGPTPancreas.atomic`): it is written to a
 hidden temporary name in the same folder and renamed over the target. An interrupted run therefore leaves only
-finished files (plus, after a hard kill, stray `.tmp-*` files), which is what makes resuming safe.
+finished files (plus, after a hard kill, stray `.tmp-*` files), which is what makes resuming safe. A write that
+fails (no permission, disk full, a file where a folder should be) raises an `OutputError` naming the path.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,20 @@ class PrepareError(UserError, ValueError):
 
 class VolumeError(UserError, ValueError):
     """One volume cannot be prepared (missing, corrupt or inconsistent file); the run goes on without it."""
+
+
+class OutputError(UserError):
+    """The output folder cannot be written: no permission, a full disk, a file where a folder should be."""
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError while writing `path` into an OutputError that names it and says what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}. Free disk space, fix the permissions or "
+                          "choose another --out; finished volumes are kept, so the same command resumes.") from error
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,8 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, only_if_changed: bo
         text = "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in payload) + "\n]" if payload else "[]"
     else:
         text = json.dumps(payload, indent=1, ensure_ascii=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"), only_if_changed)
+    with writing(path):
+        atomic_write_bytes(path, (text + "\n").encode("utf-8"), only_if_changed)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -71,7 +89,8 @@ def atomic_save_png(path: str | os.PathLike, rgb: np.ndarray, only_if_changed: b
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue(), only_if_changed)
+    with writing(path):
+        atomic_write_bytes(path, buffer.getvalue(), only_if_changed)
 
 
 def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.prepare.discovery import Discovery, VolumeSource, discover
-from training.prepare.files import (DATASETS, PrepareError, Problem, atomic_write_json, is_within, read_json)
+from training.prepare.files import (DATASETS, PrepareError, Problem, atomic_write_json, is_within, read_json,
+                                    writing)
 from training.prepare.splits import (DUPLICATE_POLICIES, leaked_slices, make_splits, moved_volumes, split_names,
                                      split_of)
 from training.prepare.summary import DEFAULT_THRESHOLDS, SliceCounter, format_table
@@ -70,7 +71,8 @@ def run_prepare(options: PrepareOptions, echo: Callable[[str], None] = print) ->
     out = Path(options.out).expanduser()
     discoveries = [discover(dataset, root) for dataset, root in sorted(options.roots.items(),
                                                                        key=lambda item: DATASETS.index(item[0]))]
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # an OSError becomes an OutputError naming the folder
+        out.mkdir(parents=True, exist_ok=True)
     notes = [f"{d.dataset}: {note}" for d in discoveries for note in d.notes]
     for note in notes:
         echo(f"note: {note}")

@@ -22,7 +22,8 @@ import numpy as np
 from SlicerMiniGPTPancreas.geometry import GeometryError, ModelView
 from SlicerMiniGPTPancreas.preprocess import hu_slice_to_rgb
 from training.prepare.discovery import VolumeSource
-from training.prepare.files import Problem, VolumeError, atomic_save_png, atomic_write_json, read_json
+from training.prepare.files import (OutputError, Problem, VolumeError, atomic_save_png, atomic_write_json,
+                                   read_json)
 from training.prepare.fingerprint import Fingerprint, fingerprint
 from training.prepare.readers import Volume, read_image, read_label
 from training.prepare.records import label_ids, structure_stats, volume_records
@@ -73,7 +74,7 @@ def prepare_volume(source: VolumeSource, out: str, settings: VolumeSettings) -> 
     """Prepare one volume (again, if it was); failures come back as an outcome with a `Problem`."""
     try:
         _prepare(source, Path(out), settings)
-    except VolumeError as error:
+    except (VolumeError, OutputError) as error:  # its message says what is wrong and what to do
         return _failed(source, str(error))
     except Exception as error:  # a bug or an unforeseen file problem must not stop the other volumes
         where = traceback.extract_tb(error.__traceback__)[-1]
