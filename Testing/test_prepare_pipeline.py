@@ -76,6 +76,11 @@ def test_run_succeeds_and_reports_the_corrupt_file_by_name(prepared):
     summary = _read(out / "summary.json")
     assert summary["run"] == {"prepared": 12, "resumed": 0, "failed": 1}
     assert {(r["dataset"], r["structure"]) for r in summary["table"]} >= {("msd", "tumor"), ("abdomenct1k", "liver")}
+    shortcuts = summary["shortcuts"]["tumor_classification"]  # pancreas measures alone as yes/no scores
+    assert set(shortcuts) == {"train", "test"}
+    assert all(set(report["auc"]) == {"pancreas_box_ratio", "pancreas_box_area", "pancreas_level"}
+               for report in shortcuts.values())
+    assert "tumor_classification train: shortcut ROC AUC pancreas_box_ratio" in printed
 
 
 def test_the_input_folders_are_left_untouched(prepared, datasets):

@@ -143,17 +143,17 @@ def test_tumour_classification_fixed_uses_one_volume_for_both_answers_and_upstre
     assert nih["image"].startswith("tasks/tumor_classification_upstream_crops/")
 
 
-def test_tumour_classification_fixed_balances_positives_and_negatives_per_volume():
-    pancreas = np.zeros((6, 20, 20), bool)
+def test_tumour_classification_fixed_pairs_each_positive_with_a_negative_at_its_level():
+    pancreas = np.zeros((21, 20, 20), bool)
     pancreas[:, 2:12, 2:12] = True
     tumour = np.zeros_like(pancreas)
-    tumour[1:3, 4:10, 4:10] = True  # 2 positive slices, 4 tumour-free pancreas slices
+    tumour[4:6, 4:10, 4:10] = True  # 2 positive slices (levels 0.2, 0.25), 19 tumour-free pancreas slices
     builder = TaskBuilder(threshold=0.6, seed=42)
     builder.add_volume("msd", "pancreas_007", "train", _volume({"pancreas": pancreas, "tumor": tumour},
                                                                volume="pancreas_007"))
     entries = builder.finish()["tumor_classification"]["train"]
-    assert sorted(e["answer"] for e in entries) == ["no", "no", "yes", "yes"]
-    assert {e["volume"] for e in entries} == {"pancreas_007"}
+    assert [(e["slice_index"], e["answer"]) for e in entries] == [(3, "no"), (4, "yes"), (5, "yes"), (6, "no")]
+    assert [e["pancreas_level"] for e in entries] == [0.15, 0.2, 0.25, 0.3]
     assert all(e["image"] == f"msd/slices/pancreas_007_slice_{e['slice_index']}.png" for e in entries)  # full slice
 
 
@@ -294,26 +294,56 @@ def test_a_test_slice_whose_content_is_trained_on_is_reported():
     assert {leak.split(" = ")[0].rsplit(" ", 1)[1] for leak in leaks} == {"10", "11"}
 
 
-def _pancreas_ratios(entries: list[dict], answer: str) -> list[float]:
-    return sorted(e["pancreas_bbox_ratio"] for e in entries if e["answer"] == answer)
-
-
-def test_tumour_yes_no_classes_are_selected_by_one_pancreas_rule_so_pancreas_size_is_no_shortcut():
-    pancreas = np.zeros((17, 40, 40), bool)
+def _tumour_volume(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A pancreas over slices 2-27 that is widest mid-way, with a tumour on 6 slices low in it that enlarges the
+    pancreas there (the tumour is part of the pancreas label): tumour slices have the larger pancreas boxes."""
+    pancreas = np.zeros((30, 64, 64), bool)
     tumour = np.zeros_like(pancreas)
-    for s, side in enumerate(range(33, 41)):  # slices 0-7: tumour-free, box ratios 0.67 ... 1.0
+    start, growth = int(rng.integers(3, 14)), int(rng.integers(0, 10))
+    for s in range(2, 28):
+        side = 20 + int(12 * np.sin(np.pi * (s - 2) / 26)) + int(rng.integers(0, 4))
+        if start <= s < start + 6:
+            side += growth
+            tumour[s, 2:10, 2:10] = True
         pancreas[s, :side, :side] = True
-    pancreas[10:14, :6, :6] = tumour[10:14, :6, :6] = True  # a tiny pancreas that is all tumour (ratio 0.02)
-    pancreas[14:17, :34, :34] = True  # pancreas ratio 0.72 with a small tumour in it
-    tumour[14:17, 2:6, 2:6] = True
-    builder = TaskBuilder(threshold=0.6, seed=42)
-    builder.add_volume("msd", "pancreas_003", "train", _volume({"pancreas": pancreas, "tumor": tumour},
-                                                               volume="pancreas_003"))
-    entries = builder.finish()["tumor_classification"]["train"]
-    yes, no = _pancreas_ratios(entries, "yes"), _pancreas_ratios(entries, "no")
-    # selected by the tumour's own box ratio, "yes" was the tiny pancreas (0.02) against "no" >= 0.67: a pancreas
-    # size threshold answered perfectly. One rule, then matching, leaves the classes the same pancreas sizes.
-    assert yes == [0.72, 0.72, 0.72]
-    assert no == [0.67, 0.72, 0.76]
-    assert {e["slice_index"] for e in entries if e["answer"] == "yes"} == {14, 15, 16}
+    return {"pancreas": pancreas, "tumor": tumour}
 
+
+def test_tumour_yes_no_classes_are_matched_so_pancreas_size_and_level_do_not_answer_it():
+    from training.evaluate_scoring import roc_auc
+    from training.prepare.matching import shortcut_aucs
+
+    rng = np.random.default_rng(5)
+    volumes = [(f"pancreas_{n:03d}", "test" if n >= 12 else "train", _tumour_volume(rng)) for n in range(15)]
+    builders = [TaskBuilder(threshold=0.2, seed=42) for _ in range(2)]
+    for builder in builders:
+        for volume, split, masks in volumes:
+            builder.add_volume("msd", volume, split, _volume(masks, volume=volume))
+    by_split = builders[0].finish()["tumor_classification"]
+    assert builders[1].finish()["tumor_classification"] == by_split  # seeded
+    assert builders[0].tc_tolerances["train"] == (0.05, 0.1)  # (box ratio, level): enough pairs, not widened
+    train = by_split["train"]
+    yes = np.array([e["answer"] == "yes" for e in train])
+    # one rule with per-volume nearest-ratio matching kept 144 entries with box ratio AUC 0.89, slice AUC 0.16;
+    # absolute box area is reported but not matched: tumour growth raises a volume's largest box (AUC 0.70 here)
+    assert 40 <= len(train) and yes.sum() == len(train) / 2
+    aucs = shortcut_aucs(train)  # what summary.json reports
+    assert aucs["pancreas_box_ratio"] == round(roc_auc(yes, np.array([e["pancreas_bbox_ratio"] for e in train])), 3)
+    assert aucs["pancreas_box_ratio"] < 0.65 and 0.35 < aucs["pancreas_level"] < 0.65
+    # pairs are drawn within a split: a test entry comes from a test volume only
+    assert {e["volume"] for e in by_split["test"]} <= {"pancreas_012", "pancreas_013", "pancreas_014"}
+    assert {e["volume"] for e in train}.isdisjoint({"pancreas_012", "pancreas_013", "pancreas_014"})
+
+
+
+def test_a_split_without_a_matched_pair_widens_the_tolerances_rather_than_leave_its_yes_no_set_empty():
+    pancreas = np.zeros((3, 40, 40), bool)
+    pancreas[0, :20, :20] = pancreas[1, :28, :28] = True
+    pancreas[2, :40, :40] = True
+    tumour = np.zeros_like(pancreas)
+    tumour[2, 30:36, 30:36] = True  # the one tumour slice is the largest: box ratios 1.0 (yes), 0.24 and 0.48 (no)
+    builder = TaskBuilder(threshold=0.0, seed=42, splits=("train", "test", "val"))
+    builder.add_volume("msd", "pancreas_001", "val", _volume({"pancreas": pancreas, "tumor": tumour}))
+    entries = builder.finish()["tumor_classification"]["val"]
+    assert [(e["slice_index"], e["answer"]) for e in entries] == [(1, "no"), (2, "yes")]
+    assert builder.tc_tolerances["val"] == (0.8, 1.6)  # 16 x (0.05, 0.1): the smallest doubling with a pair

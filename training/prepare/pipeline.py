@@ -30,8 +30,9 @@ from training.prepare.files import (DATASETS, PrepareError, Problem, atomic_writ
                                     writing)
 from training.prepare.splits import (DUPLICATE_POLICIES, leaked_slices, make_splits, moved_volumes, split_names,
                                      split_of)
-from training.prepare.summary import DEFAULT_THRESHOLDS, SliceCounter, format_table
-from training.prepare.tasks import TaskBuilder, write_tasks
+from training.prepare.summary import DEFAULT_THRESHOLDS, SliceCounter, format_shortcuts, format_table
+from training.prepare.matching import shortcut_aucs
+from training.prepare.tasks import TC, TaskBuilder, write_tasks
 from training.prepare.volume_job import (INTENSITIES, LABEL_GEOMETRIES, VolumeOutcome, VolumeSettings, is_finished,
                                          meta_path, prepare_volume, records_path)
 
@@ -84,6 +85,8 @@ def run_prepare(options: PrepareOptions, echo: Callable[[str], None] = print) ->
     atomic_write_json(out / "problems.json", summary["problems"])
     atomic_write_json(out / "summary.json", summary)
     echo(format_table(summary["table"], options.summary_thresholds, summary["tasks"]))
+    if summary["shortcuts"]:
+        echo(format_shortcuts(summary["shortcuts"]))
     run = summary["run"]
     echo(f"\n{run['prepared']} volumes prepared, {run['resumed']} already done, {run['failed']} failed; "
          f"output in {out}")
@@ -223,7 +226,10 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
         if records:  # upstream's *_slices_info.json: every slice of every volume, for tools that expect it
             atomic_write_json(out / dataset / f"{records[0]['dataset']}_slices_info.json", records,
                               only_if_changed=True)
-    return {"options": _options_json(options), "table": counter.table(), "tasks": task_counts,
+    # how well pancreas size or level alone would answer the tumour yes/no question (0.5: not at all)
+    shortcuts = {TC: {split: {"tolerances": builder.tc_tolerances.get(split), "auc": shortcut_aucs(entries)}
+                      for split, entries in tasks[TC].items()}} if TC in tasks else {}
+    return {"options": _options_json(options), "table": counter.table(), "tasks": task_counts, "shortcuts": shortcuts,
             "duplicate_groups": document["duplicate_groups"], "dropped": document["dropped"], "notes": notes}
 
 

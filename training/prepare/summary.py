@@ -62,6 +62,19 @@ def format_table(rows: list[dict[str, Any]], thresholds: tuple[float, ...],
     return "\n".join(text)
 
 
+def format_shortcuts(shortcuts: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per yes/no task and split: the ROC AUC of each pancreas measure alone (0.5: no shortcut) and the
+    (box ratio, level) tolerances its classes were matched with."""
+    lines = [""]
+    for task, by_split in shortcuts.items():
+        for split, report in by_split.items():
+            aucs = ", ".join(f"{name} {'-' if auc is None else f'{auc:.3f}'}" for name, auc in report["auc"].items())
+            tolerances = "" if report["tolerances"] is None else " (matched within {:g}, {:g})".format(
+                *report["tolerances"])
+            lines.append(f"{task} {split}: shortcut ROC AUC {aucs}{tolerances}")
+    return "\n".join(lines)
+
+
 def _columns(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

@@ -15,15 +15,13 @@ A slice is selected when its box ratio is strictly greater than `threshold` (ups
 - `multi_organ_abdomenct1k`: one entry per (slice, organ) for liver, kidney (the patient's right kidney,
   upstream's meaning), spleen and pancreas, with upstream's compact keys (organ, pixels, pixels_ratio, bbox,
   bbox_ratio); with organ balancing (default, as upstream) every organ is subsampled to the rarest one's count.
-- `tumor_classification` (ours, the default for training): positives and negatives come from the SAME MSD
-  volumes, full slices, selected by ONE rule: per volume, the slices with pancreas (tumour included) box ratio
-  > threshold, answered "yes" when they hold a tumour pixel and "no" otherwise. The larger class is cut to the
-  smaller by taking, for each slice of the smaller, the unused slice nearest in pancreas box ratio, so that
-  pancreas size is no shortcut to the answer. (Before: positives by tumour box ratio, negatives by pancreas
-  box ratio, which let pancreas size and level predict the answer.) Some association remains where the data
-  has it: the tumour is part of the pancreas label, so tumour slices tend to have the larger pancreas boxes
-  (on the demo phantoms pancreas box ratio separates the answers with ROC AUC 0.82, down from 0.89 (train) and
-  0.98 (test) under the old rule; a 0.1 caliper brings it to 0.51 but leaves a third of the pairs).
+- `tumor_classification` (ours, the default for training): positives and negatives come from the MSD volumes of
+  one split, full slices, selected by ONE rule: the slices with pancreas (tumour included) box ratio >
+  threshold, answered "yes" when they hold a tumour pixel and "no" otherwise. The two classes are then paired
+  across the split's volumes by pancreas box ratio and level (`matching.py`), so that neither answers the
+  question; the ROC AUC of each alone is in summary.json (`shortcuts`). (Before: positives by tumour box
+  ratio, negatives by pancreas box ratio; then one rule with per-volume matching, which still left pancreas box
+  ratio predicting the answer with AUC 0.75-0.81 on the demo phantoms.)
 - `tumor_classification_upstream` (to reproduce the paper only): positives = all MSD tumour-detection slices,
   negatives = as many NIH pancreas-detection slices drawn at random, every image cropped to the ground-truth
   pancreas box with PIL's exclusive right/bottom (the last row and column are lost) and written to
@@ -39,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from training.prepare.files import atomic_save_png, atomic_write_json
+from training.prepare.matching import match_classes, with_pancreas_level
 from training.prepare.records import ABD_ORGANS
 
+TC = "tumor_classification"
 TC_UPSTREAM = "tumor_classification_upstream"
 _PHRASES = {"pancreas": "pancreas", "tumor": "pancreatic tumor"}
 _ABD_KEYS = ("dataset", "volume_name", "slice_id", "slice_index", "slice_count", "width", "height", "volume",
@@ -55,6 +55,8 @@ class TaskBuilder:
         self.threshold, self.seed, self.organ_balance = threshold, seed, organ_balance
         self.splits = splits  # every task gets one file per split, even an empty one
         self.entries: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.tc_candidates: dict[str, list[dict[str, Any]]] = {}  # split: records, paired in finish()
+        self.tc_tolerances: dict[str, tuple[float, float]] = {}  # split: (ratio, level) tolerances of its pairs
 
     def add_volume(self, dataset: str, volume: str, split: str, records: list[dict[str, Any]]) -> None:
         """Add the entries one volume contributes to every task of its dataset."""
@@ -62,12 +64,15 @@ class TaskBuilder:
             self._detection(f"pancreas_detection_{dataset}", "pancreas", split, records, volume)
         if dataset == "msd":
             self._detection("tumor_detection_msd", "tumor", split, records, volume)
-            self._tumor_classification(split, records, volume)
+            self._tumor_classification(split, records)
         if dataset == "abdomenct1k":
             self._multi_organ(split, records)
 
     def finish(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
-        """Cross-volume steps (organ balance, upstream TC), then q_ids; {task: {split: entries}}."""
+        """Cross-volume steps (tumour yes/no pairing, organ balance, upstream TC), then q_ids;
+        {task: {split: entries}}."""
+        for split, candidates in self.tc_candidates.items():
+            self._tumor_classification_pairs(split, candidates)
         if self.organ_balance and "multi_organ_abdomenct1k" in self.entries:
             for split, entries in self.entries["multi_organ_abdomenct1k"].items():
                 self.entries["multi_organ_abdomenct1k"][split] = self._balance_organs(split, entries)
@@ -95,16 +100,17 @@ class TaskBuilder:
         chosen = sorted(positives + drawn, key=lambda r: r["slice_index"])
         self._add(balanced, split, [_detection_entry(r, balanced, target) for r in chosen])
 
-    def _tumor_classification(self, split: str, records: list[dict], volume: str) -> None:
-        # One selection rule for both answers, so that pancreas size and level cannot tell them apart.
+    def _tumor_classification(self, split: str, records: list[dict]) -> None:
+        # One selection rule for both answers; the pairing across the split's volumes happens in finish().
         candidates = [r for r in records if r["pancreas_bbox_ratio"] > self.threshold]
+        self.tc_candidates.setdefault(split, []).extend(with_pancreas_level(records, candidates))
+        self._add(TC, split, [])  # the task's files exist even when no pair is found
+
+    def _tumor_classification_pairs(self, split: str, candidates: list[dict]) -> None:
         positives = [r for r in candidates if r["pixels_tumor"] > 0]
         negatives = [r for r in candidates if r["pixels_tumor"] == 0]
-        fewer, more = sorted((positives, negatives), key=len)
-        kept = fewer + _nearest_in_pancreas_ratio(fewer, more, self._rng("tumor_classification", volume))
-        kept.sort(key=lambda r: r["slice_index"])
-        self._add("tumor_classification", split, [{**r, "task": "tumor_classification",
-                                                   "answer": "yes" if r["pixels_tumor"] > 0 else "no"} for r in kept])
+        kept, self.tc_tolerances[split] = match_classes(positives, negatives, self._rng(TC, split))
+        self._add(TC, split, [{**r, "task": TC, "answer": "yes" if r["pixels_tumor"] > 0 else "no"} for r in kept])
 
     def _multi_organ(self, split: str, records: list[dict]) -> None:
         from SlicerMiniGPTPancreas.grammar import render_box
@@ -140,18 +146,6 @@ class TaskBuilder:
             drawn = self._rng(TC_UPSTREAM, split).sample(negatives, min(len(positives), len(negatives)))
             entries = [_crop_entry(e, "yes") for e in positives] + [_crop_entry(e, "no") for e in drawn]
             self._add(TC_UPSTREAM, split, [e for e in entries if e["width"] > 0 and e["height"] > 0])
-
-
-def _nearest_in_pancreas_ratio(targets: list[dict], pool: list[dict], rng: random.Random) -> list[dict]:
-    """One record of `pool` per target, each the unused one nearest in pancreas box ratio (then in slice
-    index), the targets taken in a seeded order: the larger class matched to the smaller one."""
-    pool, matched = list(pool), []
-    for target in rng.sample(targets, len(targets)):
-        best = min(pool, key=lambda r: (abs(r["pancreas_bbox_ratio"] - target["pancreas_bbox_ratio"]),
-                                        abs(r["slice_index"] - target["slice_index"])))
-        pool.remove(best)
-        matched.append(best)
-    return matched
 
 
 def _detection_entry(record: dict, task: str, target: str) -> dict[str, Any]:
