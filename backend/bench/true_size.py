@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from backend.tiny_upstream import TinySizes, build_tiny_minigpt_checkpoint, build_tiny_vit_checkpoint
+from SlicerMiniGPTPancreas.errors import UserError
 
 TRUE_SIZES = TinySizes(image_size=448, patch_size=14, vit_width=1408, vit_depth=40, vit_mlp_hidden=6144,
                        checkpoint_grid=16, llm_hidden=4096, llm_layers=32, llm_heads=32, llm_intermediate=11008,
@@ -38,7 +39,7 @@ FILES_BYTES = 16_500_000_000  # what the three files take on disk
 NEEDED_MEMORY_BYTES = 20_000_000_000  # bfloat16 weights (~15.6 GB) x 1.3
 
 
-class TrueSizeError(RuntimeError):
+class TrueSizeError(UserError, RuntimeError):
     """The machine cannot run the check (memory, disk); the message says what is missing."""
 
 

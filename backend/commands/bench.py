@@ -67,13 +67,10 @@ def _text(report: dict) -> str:
 def _true_size(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from backend.bench.true_size import TrueSizeError, run_true_size
+    from backend.bench.true_size import run_true_size
     from backend.cascade_sweep import PANCREAS_QUESTION
 
-    try:
-        report = run_true_size(PANCREAS_QUESTION, Path(args.scratch) if args.scratch else None)
-    except TrueSizeError as error:
-        raise ModelSourceError(str(error)) from error
+    report = run_true_size(PANCREAS_QUESTION, Path(args.scratch) if args.scratch else None)  # TrueSizeError: 1 line
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
