@@ -73,9 +73,8 @@ def test_real_eva_vit_g_shapes_give_the_upstream_vit():
 
 
 def test_depth_is_the_contiguous_block_count_for_other_models():
-    assert infer_vision_config(eva_like(176, range(40), mlp=256), 56, None, "f").depth == 40
-    assert infer_vision_config(eva_like(176, [0, 1, 3], mlp=256), 56, None, "f").depth == 2
-    assert infer_vision_config(eva_like(88, range(3), mlp=256), 56, None, "f").num_heads == 1
+    assert infer_vision_config(eva_like(176, range(40), mlp=256), 56, 2, "f").depth == 40
+    assert infer_vision_config(eva_like(176, [0, 1, 3], mlp=256), 56, 2, "f").depth == 2
 
 
 def test_a_vit_of_another_width_without_a_head_count_is_refused_not_guessed(tmp_path):
@@ -89,6 +88,22 @@ def test_a_vit_of_another_width_without_a_head_count_is_refused_not_guessed(tmp_
     (tmp_path / "vit_b.json").write_text("{\"heads\": 12}")
     with pytest.raises(CheckpointError, match="vit_b.json must be JSON like"):
         infer_vision_config(eva_like(768, range(2), mlp=3072), 224, None, vit)
+
+
+def test_a_vit_of_a_width_that_is_a_multiple_of_88_is_refused_without_a_head_count_too(tmp_path):
+    # 264 = 3 x 88: upstream's rule width // 88 used to guess 3 heads with a warning; trained with 6, it answers wrongly
+    vit = tmp_path / "eva_vit.pth"
+    with pytest.raises(CheckpointError, match=r"264 wide.*not stored in the weights.*vit_num_heads=N.*eva_vit\.json"):
+        infer_vision_config(eva_like(264, range(2), mlp=512), 56, None, vit)
+    (tmp_path / "eva_vit.json").write_text(json.dumps({"num_heads": 6}))
+    assert infer_vision_config(eva_like(264, range(2), mlp=512), 56, None, vit).num_heads == 6
+
+
+def test_the_tiny_vit_files_carry_their_head_count(files, tmp_path):
+    assert json.loads(files.vit_checkpoint.with_suffix(".json").read_text()) == {"num_heads": 2}
+    shutil.copy(files.vit_checkpoint, tmp_path / "eva_vit_g.pth")  # without its sidecar
+    with pytest.raises(CheckpointError, match="176 wide"):
+        load(files, vit=tmp_path / "eva_vit_g.pth")
 
 
 def test_head_count_can_be_given_and_must_divide_the_width(files):
@@ -129,7 +144,8 @@ def test_unused_vit_tensors_are_reported(files, tmp_path):
     raw = torch.load(files.vit_checkpoint)
     raw["norm.weight"] = torch.ones(SIZES.vit_width)
     torch.save(raw, tmp_path / "vit.pth")
-    assert any("norm.weight" in line for line in load(files, vit=tmp_path / "vit.pth").load_report)
+    report = load(files, vit=tmp_path / "vit.pth", vit_num_heads=SIZES.vit_heads).load_report
+    assert any("norm.weight" in line for line in report)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -169,7 +185,7 @@ def test_vit_file_missing_a_block_tensor_is_refused(files, tmp_path):
     torch.save(raw, tmp_path / "vit.pth")
     expected_line = r"vit\.pth.*\n  missing    blocks\.1\.attn\.q_bias  \(expected shape \[176\]\)"
     with pytest.raises(CheckpointError, match=expected_line):
-        load(files, vit=tmp_path / "vit.pth")
+        load(files, vit=tmp_path / "vit.pth", vit_num_heads=SIZES.vit_heads)
     with pytest.raises(CheckpointError, match=r"checkpoint_stage3\.pth is not a flat state dict.*eva_vit_g\.pth"):
         load(files, vit=files.minigpt_checkpoint)
 

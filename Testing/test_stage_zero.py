@@ -3,13 +3,16 @@ on generate's prompt layout, the patch-grounding and answer-value objectives, an
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from backend import prompts
+from backend.checkpoint_io import CheckpointError
 from backend.checkpoints import load_upstream
 from training.base_weights import ScratchSizes, write_initial_base
 from SlicerMiniGPTPancreas import grammar
@@ -35,6 +38,16 @@ def test_the_initial_base_is_seeded_and_lora_starts_without_effect(tmp_path):
     model = scratch_model(tmp_path / "c")
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert lora_b and all(bool((p == 0).all()) for p in lora_b)
+
+
+def test_the_initial_base_writes_its_vit_head_count_beside_the_vit(tmp_path):
+    files = write_initial_base(tmp_path, ScratchSizes(**{**SIZES.to_dict(), "vit_width": 264}), seed=5)
+    assert json.loads(files.vit_checkpoint.with_suffix(".json").read_text()) == {"num_heads": 3}
+    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint, image_size=SIZES.image_size)
+    assert (model.config.vision.width, model.config.vision.num_heads) == (264, 3)
+    files.vit_checkpoint.with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match=r"264 wide.*vit_num_heads=N"):
+        load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint, image_size=SIZES.image_size)
 
 
 def test_a_row_trained_on_the_inference_layout_scores_what_generate_sees(tmp_path):

@@ -29,7 +29,8 @@ def variant(request):
     folder = request.param
     reference = torch.load(folder / "reference.pt", weights_only=False)
     model = backend.load_upstream(folder / "eva_vit_g.pth", folder / "llama", folder / "checkpoint.pth",
-                                  image_size=reference["image_size"], dtype=torch.float32, device="cpu")
+                                  image_size=reference["image_size"], vit_num_heads=reference["vit_num_heads"],
+                                  dtype=torch.float32, device="cpu")
     return model.eval(), reference
 
 

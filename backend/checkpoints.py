@@ -34,7 +34,6 @@ __all__ = ["CheckpointError", "BaseFiles", "load_upstream", "infer_vision_config
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EVA_VIT_G_WIDTH, EVA_VIT_G_HEADS = 1408, 16
-UPSTREAM_HEAD_WIDTH = 88  # upstream's rule heads = width // 88, which this project's tiny models follow
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _LORA_A_KEY = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_A\.weight$")
 
@@ -67,9 +66,8 @@ def load_upstream(vit_checkpoint: str | os.PathLike, llama_dir: str | os.PathLik
       * depth = the number of contiguous `blocks.N` in the file, except that a 1408-wide file with 40 or more
         blocks gives 39: upstream builds 39 blocks and ignores EVA-CLIP-g's 40th (`blocks.39.*`).
       * heads: not stored in weights (`vit_heads`): `vit_num_heads`, else `{"num_heads": N}` in a sidecar JSON
-        beside the ViT file (`eva_vit_g.json` for `eva_vit_g.pth`), else 16 for EVA ViT-g's width 1408. Any other
-        width is refused, except multiples of 88, this project's tiny models that follow upstream's rule
-        width // 88, which load with a warning.
+        beside the ViT file (`eva_vit_g.json` for `eva_vit_g.pth`; the files this project writes have one), else
+        16 for EVA ViT-g's width 1408. Any other width is refused: a wrong guess gives wrong answers, not an error.
       * LLaMA sizes from `llama_dir/config.json`; LoRA r from the `lora_A` shapes and the LoRA targets from the
         checkpoint's LoRA keys (unless `lora_target_modules` is given); alpha 16 and dropout 0.05 unless given
         (upstream never reads other values from its configs); scaling = alpha / r.
@@ -145,16 +143,18 @@ def vit_heads(width: int, num_heads: int | None, vit_file: Path) -> int:
         return _sidecar_heads(sidecar)
     if width == EVA_VIT_G_WIDTH:
         return EVA_VIT_G_HEADS
-    if width % UPSTREAM_HEAD_WIDTH:
-        raise CheckpointError(
-            f"EVA ViT checkpoint {vit_file} is {width} wide, not EVA ViT-g's {EVA_VIT_G_WIDTH}, and its attention "
-            "head count is not stored in the weights. Pass it (vit_num_heads=N, `import-upstream --vit-num-heads "
-            f"N`) or write {{\"num_heads\": N}} to {sidecar}.")
-    heads = width // UPSTREAM_HEAD_WIDTH
-    log.warning("%s: ViT width %d is not EVA ViT-g's; assuming upstream's rule width // %d = %d heads. Pass "
-                "vit_num_heads or write %s if it was trained with another count.", vit_file, width,
-                UPSTREAM_HEAD_WIDTH, heads, sidecar.name)
-    return heads
+    raise CheckpointError(
+        f"EVA ViT checkpoint {vit_file} is {width} wide, not EVA ViT-g's {EVA_VIT_G_WIDTH}, and its attention head "
+        "count is not stored in the weights. Pass it (vit_num_heads=N, `import-upstream --vit-num-heads N`) or "
+        f"write {{\"num_heads\": N}} to {sidecar}.")
+
+
+def write_vit_sidecar(vit_file: str | os.PathLike, num_heads: int) -> Path:
+    """Write `{"num_heads": N}` beside a ViT file we write (`eva_vit.pth` -> `eva_vit.json`), so that loading it
+    never has to guess the head count."""
+    sidecar = Path(vit_file).with_suffix(".json")
+    sidecar.write_text(json.dumps({"num_heads": num_heads}) + "\n", encoding="utf-8")
+    return sidecar
 
 
 def _sidecar_heads(sidecar: Path) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from backend.checkpoint_io import LLM_PREFIX, lora_key
+from backend.checkpoints import write_vit_sidecar
 from backend.tiny import build_tiny_sentencepiece
 from backend.tokenizer import UpstreamLlamaTokenizer
 
@@ -30,7 +31,7 @@ class TinySizes:
 
     image_size: int = 56
     patch_size: int = 7  # grid 8 x 8 = 64 patches -> 16 image tokens
-    vit_width: int = 176  # heads by upstream's rule: 176 // 88 = 2
+    vit_width: int = 176  # heads by upstream's rule: 176 // 88 = 2 (`vit_heads`)
     vit_depth: int = 2
     vit_mlp_hidden: int = 256
     checkpoint_grid: int = 6  # pos_embed stored for a 6 x 6 grid, interpolated to 8 x 8 when loading
@@ -40,6 +41,12 @@ class TinySizes:
     llm_intermediate: int = 128
     lora_r: int = 64  # with alpha 16: scaling 0.25, as the real model
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def vit_heads(self) -> int:
+        """ViT attention heads: upstream's rule width // 88 (at least 1), written beside the ViT file because the
+        weights do not tell."""
+        return max(1, self.vit_width // 88)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ def build_tiny_upstream(out_dir: str | os.PathLike, sizes: TinySizes = TinySizes
 
 
 def build_tiny_vit_checkpoint(path: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 0) -> Path:
-    """Raw EVA ViT state dict (keys as in eva_vit_g.pth) in fp16, like the real file."""
+    """Raw EVA ViT state dict (keys as in eva_vit_g.pth) in fp16, like the real file, and its head-count sidecar."""
     generator = torch.Generator().manual_seed(seed)
     width, hidden, patch = sizes.vit_width, sizes.vit_mlp_hidden, sizes.patch_size
 
@@ -88,6 +95,7 @@ def build_tiny_vit_checkpoint(path: str | os.PathLike, sizes: TinySizes = TinySi
             prefix + "mlp.fc2.weight": rand(width, hidden), prefix + "mlp.fc2.bias": rand(width),
         })
     torch.save(state, path)
+    write_vit_sidecar(path, sizes.vit_heads)
     return Path(path)
 
 

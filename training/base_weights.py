@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from backend.checkpoint_io import lora_key
-from backend.checkpoints import BaseFiles
+from backend.checkpoints import BaseFiles, write_vit_sidecar
 from backend.model import MiniGPTv2
 from backend.tiny import build_tiny_sentencepiece
 from backend.tiny_upstream import TinySizes, TinyUpstreamFiles
@@ -40,7 +40,7 @@ INIT_STD = 0.02
 @dataclass(frozen=True)
 class ScratchSizes:
     """Sizes of a model trained from scratch (a `model: {"scratch": {...}}` fit source). ViT heads follow
-    upstream's rule width // 88, so keep the width a multiple of 88."""
+    upstream's rule width // 88 (`TinySizes.vit_heads`), so keep the width a multiple of 88."""
 
     image_size: int = 128
     patch_size: int = 16
@@ -71,6 +71,7 @@ def write_initial_base(out_dir: str | os.PathLike, sizes: ScratchSizes, seed: in
     generator = torch.Generator().manual_seed(seed)
     tiny = sizes.tiny_sizes()
     torch.save(_initial_vit(tiny, generator), folder / VIT_FILE)
+    write_vit_sidecar(folder / VIT_FILE, tiny.vit_heads)  # the weights do not tell the head count
     llama = _initial_llama(folder / LLAMA_FOLDER, tiny, generator)
     torch.save({"model": _initial_trainable(tiny, generator), "epoch": 0}, folder / CHECKPOINT_FILE)
     return TinyUpstreamFiles(folder / VIT_FILE, llama, folder / CHECKPOINT_FILE, tiny)

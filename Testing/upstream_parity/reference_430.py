@@ -258,7 +258,7 @@ def write_reference(v: Variant, out: Path) -> None:
         loss = model.training_loss(pixels, INSTRUCTIONS, ANSWERS)
     reference = {"pixel_values": pixels, "questions": QUESTIONS, "instructions": INSTRUCTIONS, "answers": ANSWERS,
                  "first_token_logits": logits, "generated_ids": ids, "texts": texts, "training_loss": loss,
-                 "image_size": v.image_size}
+                 "image_size": v.image_size, "vit_num_heads": v.heads}  # the weights do not tell the heads
     torch.save(reference, out / "reference.pt")
     print(f"reference written to {out}: loss {loss.item():.6f}, texts {texts}")
 
