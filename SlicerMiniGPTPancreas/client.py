@@ -29,7 +29,7 @@ from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 from . import protocol as p
 from .errors import UserError
 from .validation import ProtocolError
-from .wire_arrays import encode_volume
+from .wire_arrays import encode_scan, encode_volume
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 QUICK_READ_TIMEOUT_S = 10.0  # health, info, sweep status and cancel answer without waiting for the GPU
@@ -342,6 +342,14 @@ class MiniGPTPancreasClient:
                       read_timeout: float | None = None) -> p.VolumeUploadResponse:
         """Send a model-view volume [S, R, C] int16 HU with its (col, row, slice) spacing, once, for sweeps."""
         body, params = encode_volume(volume_src, spacing_mm)
+        return self._call(p.VolumeUploadResponse, "POST", p.ROUTE_VOLUMES, read_timeout, data=body, params=params)
+
+    def upload_scan(self, volume_kji: np.ndarray, ijk_to_ras: np.ndarray, *, resample: bool = False,
+                    read_timeout: float | None = None) -> p.VolumeUploadResponse:
+        """Send a volume as stored [K, J, I] int16 HU with its 4x4 ijk_to_ras; the server makes the model view, and
+        with `resample` resamples a tilted volume onto the nearest axial grid (`resampled` in the reply) instead
+        of refusing it."""
+        body, params = encode_scan(volume_kji, ijk_to_ras, resample)
         return self._call(p.VolumeUploadResponse, "POST", p.ROUTE_VOLUMES, read_timeout, data=body, params=params)
 
     def start_sweep(self, volume_id: str, prompt: str, *, slice_start: int = 0, slice_stop: int | None = None,

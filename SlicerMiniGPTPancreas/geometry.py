@@ -265,6 +265,20 @@ def resample_to_axial(image: Any) -> Any:
                          lowest, image.GetPixelID())
 
 
+def resample_volume_to_axial(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`resample_to_axial` for an array [K, J, I] and its ijk_to_ras: (array [K, J, I], ijk_to_ras of
+    `nearest_axial_grid`)."""
+    import SimpleITK as sitk  # lazy: the core must import without SimpleITK
+
+    matrix = _checked_matrix(array_kji, ijk_to_ras)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((LPS_TO_RAS @ matrix[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin((LPS_TO_RAS @ matrix[:3, 3]).tolist())
+    return volume_from_sitk(resample_to_axial(image))
+
+
 def _oblique_message(cosines: np.ndarray, ras_axis_of_ijk: np.ndarray, displacement: float,
                      tolerance_voxels: float) -> str:
     on_axis = np.abs(cosines[ras_axis_of_ijk, [0, 1, 2]])

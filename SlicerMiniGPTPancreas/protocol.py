@@ -32,14 +32,14 @@ from .validation import (
 )
 from .wire_arrays import MAX_SLICE_SIDE, MAX_VOLUME_SLICES, SLICE_FIELD, check_int16_array
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: a volume may be uploaded as stored, with its geometry (encode_scan)
 API_PREFIX = "/api/v1"
 API_VERSION_HEADER = "X-MiniGPT-Pancreas-API-Version"  # the client's version, sent with every request
 
 ROUTE_HEALTH = "/healthz"  # GET -> Health; unversioned so that any client can read the server's version
 ROUTE_INFO = API_PREFIX + "/info"  # GET -> ModelInfo
 ROUTE_QUERY = API_PREFIX + "/query"  # POST SliceQueryRequest -> QueryResponse
-ROUTE_VOLUMES = API_PREFIX + "/volumes"  # POST raw int16 body (encode_volume) -> VolumeUploadResponse
+ROUTE_VOLUMES = API_PREFIX + "/volumes"  # POST raw int16 body (encode_volume/_scan) -> VolumeUploadResponse
 ROUTE_SWEEPS = API_PREFIX + "/sweeps"  # POST SweepJobRequest -> SweepJobStatus
 ROUTE_SWEEP = API_PREFIX + "/sweeps/{job_id}"  # GET -> SweepJobStatus; DELETE cancels -> SweepJobStatus
 ROUTE_CHAT = API_PREFIX + "/chat"  # POST ChatRequest -> ChatResponse
@@ -288,16 +288,20 @@ class ModelInfo(Schema):
 
 @dataclass(frozen=True)
 class VolumeUploadResponse(Schema):
-    """POST /api/v1/volumes: the id under which the server keeps the model-view volume [S, R, C]."""
+    """POST /api/v1/volumes: the id under which the server keeps the model-view volume [S, R, C]. `resampled`: a
+    tilted volume sent as stored with resample=true was resampled onto its nearest axial grid
+    (`geometry.nearest_axial_grid` of the ijk_to_ras sent), which slice numbers and boxes then refer to."""
 
     volume_id: str
     shape: tuple[int, int, int]
     spacing_mm: tuple[float, float, float]  # (col, row, slice)
+    resampled: bool = False
 
     def __post_init__(self) -> None:
         self._set("volume_id", check_id)
         self._set("shape", check_shape, (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
         self._set("spacing_mm", check_spacing, 3)
+        self._set("resampled", check_bool)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ size limits.
 
 A slice travels inside a JSON message as `{"shape": [R, C], "dtype": "int16", "data": <base64>}`; a volume upload
 is the raw bytes of the whole array (application/octet-stream), its shape and spacing in the query string. Both
-are Hounsfield units in the model-view orientation (geometry.py), int16, little-endian, row-major. Decoding checks
+are Hounsfield units in the model-view orientation (geometry.py), int16, little-endian, row-major. A volume may
+instead travel as stored ([K, J, I], `encode_scan`) with its `ijk_to_ras` instead of a spacing, for the server to
+make the model view itself; `resample=true` lets it resample a tilted one onto the nearest axial grid. Decoding checks
 sizes before it allocates or decodes anything, so junk of any size costs nothing.
 """
 
@@ -98,6 +100,42 @@ def encode_volume(volume_src: np.ndarray, spacing_mm: tuple[float, float, float]
     return np.ascontiguousarray(volume_src, dtype="<i2").tobytes(), params
 
 
+def encode_scan(volume_kji: np.ndarray, ijk_to_ras: np.ndarray,
+                resample: bool = False) -> tuple[bytes, dict[str, str]]:
+    """A volume as stored [K, J, I] int16 + its 4x4 ijk_to_ras (RAS mm) -> (request body, query parameters); with
+    `resample` the server resamples it onto the nearest axial grid when it is tilted, instead of refusing it."""
+    check_int16_array(volume_kji, "volume", ndim=3)
+    check_volume_bytes(volume_kji.shape, "volume.shape")
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise ProtocolError("volume.ijk_to_ras", f"expected a finite 4x4 matrix, got shape {matrix.shape}")
+    params = {"shape": ",".join(str(n) for n in volume_kji.shape), "dtype": "int16",
+              "ijk_to_ras": ",".join(repr(float(v)) for v in matrix.ravel()),
+              "resample": "true" if resample else "false"}
+    return np.ascontiguousarray(volume_kji, dtype="<i2").tobytes(), params
+
+
+def parse_scan_params(params: Mapping[str, str]) -> tuple[np.ndarray | None, bool]:
+    """The geometry of a volume sent as stored (`encode_scan`): (its [4, 4] ijk_to_ras, resample), or (None,
+    False) for a model-view volume."""
+    resample = str(params.get("resample", "false"))
+    if resample not in ("true", "false"):
+        raise ProtocolError("resample", f"expected 'true' or 'false', got {excerpt(resample)}")
+    if "ijk_to_ras" not in params:
+        if resample == "true":
+            raise ProtocolError("resample", "needs the volume as stored with its ijk_to_ras (encode_scan)")
+        return None, False
+    parts = str(params["ijk_to_ras"]).split(",")
+    if len(parts) != 16 or not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in parts):
+        raise ProtocolError("ijk_to_ras", f"expected 16 comma-separated numbers (a 4x4 matrix, row by row), got "
+                                          f"{excerpt(params['ijk_to_ras'])}")
+    try:
+        matrix = np.array([float(part) for part in parts]).reshape(4, 4)
+    except ValueError as error:
+        raise ProtocolError("ijk_to_ras", f"expected comma-separated numbers ({error})") from error
+    return matrix, resample == "true"
+
+
 def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...]]:
     """Inverse of encode_volume: (read-only [S, R, C] int16 array, (col, row, slice) spacing in mm)."""
     shape, spacing, n_bytes = parse_volume_params(params)
@@ -106,27 +144,38 @@ def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, t
     return np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(shape), spacing
 
 
-def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...], int]:
-    """The query string of a volume upload -> (shape, spacing, body bytes), checked before the body is read."""
-    values = {}
+def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...] | None, int]:
+    """The query string of a volume upload -> (shape, spacing, body bytes), checked before the body is read. A
+    volume sent as stored (`encode_scan`) has no spacing (None): its ijk_to_ras is `parse_scan_params`'."""
+    if "ijk_to_ras" in params:
+        shape, n_bytes = _parse_shape(params)
+        return shape, None, n_bytes
     for key in ("shape", "dtype", "spacing_mm"):
         if key not in params:
             raise ProtocolError(key, "required query parameter is missing")
-        values[key] = str(params[key]).split(",")
-    if values["dtype"] != ["int16"]:
-        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {excerpt(params['dtype'])}")
-    # Plain digits only: int() would also read "1_0" as 10 and " 7" as 7, and take any number of digits.
-    if not all(re.fullmatch(r"\d{1,9}", part) for part in values["shape"]):
-        raise ProtocolError("shape", f"expected comma-separated numbers S,R,C (whole, digits only), got "
-                                     f"{excerpt(params['shape'])}")
-    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in values["spacing_mm"]):
+    shape, n_bytes = _parse_shape(params)
+    parts = str(params["spacing_mm"]).split(",")
+    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in parts):
         raise ProtocolError("spacing_mm", f"expected three comma-separated numbers in mm, got "
                                           f"{excerpt(params['spacing_mm'])}")
     try:
-        spacing = [float(part) for part in values["spacing_mm"]]
+        spacing = [float(part) for part in parts]
     except ValueError as error:
         raise ProtocolError("spacing_mm", f"expected comma-separated numbers ({error})") from error
-    shape = check_shape([int(part) for part in values["shape"]], "shape",
-                        (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
-    n_bytes = check_volume_bytes(shape, "shape")
     return shape, check_spacing(spacing, "spacing_mm", 3), n_bytes
+
+
+def _parse_shape(params: Mapping[str, str]) -> tuple[tuple[int, int, int], int]:
+    """(shape, body bytes) from the `shape` and `dtype` query parameters."""
+    for key in ("shape", "dtype"):
+        if key not in params:
+            raise ProtocolError(key, "required query parameter is missing")
+    if str(params["dtype"]) != "int16":
+        raise ProtocolError("dtype", f"expected 'int16' (HU, little-endian), got {excerpt(params['dtype'])}")
+    parts = str(params["shape"]).split(",")
+    # Plain digits only: int() would also read "1_0" as 10 and " 7" as 7, and take any number of digits.
+    if not all(re.fullmatch(r"\d{1,9}", part) for part in parts):
+        raise ProtocolError("shape", f"expected comma-separated numbers S,R,C (whole, digits only), got "
+                                     f"{excerpt(params['shape'])}")
+    shape = check_shape([int(part) for part in parts], "shape", (MAX_VOLUME_SLICES, MAX_SLICE_SIDE, MAX_SLICE_SIDE))
+    return shape, check_volume_bytes(shape, "shape")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from backend.prompts import check_question
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.validation import Schema
-from SlicerMiniGPTPancreas.wire_arrays import parse_volume_params
+from SlicerMiniGPTPancreas.wire_arrays import parse_scan_params, parse_volume_params
 
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
@@ -24,6 +24,7 @@ from .engine_calls import chat_response, check_greedy, check_temperature, query_
 from .errors import ApiError, ClientGone, busy
 from .jobs import SweepJob
 from .security import check_client_version, require_token
+from .volumes import model_view_of_scan
 from .state import Service
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,20 @@ async def chat(request: Request) -> JSONResponse:
 
 
 @api_router.post(p.ROUTE_VOLUMES, status_code=201,
-                 summary="Upload a model-view volume [S, R, C] as raw little-endian int16 (for sweeps)",
+                 summary="Upload a volume as raw little-endian int16 for sweeps: the model view [S, R, C], or as "
+                         "stored [K, J, I] with its ijk_to_ras",
                  openapi_extra={"requestBody": {"required": True, "content": _OCTETS}, "parameters": [
-                     {"name": name, "in": "query", "required": True, "schema": {"type": "string"},
-                      "description": text} for name, text in (
-                         ("shape", "S,R,C"), ("dtype", "int16"), ("spacing_mm", "col,row,slice spacing in mm"))]})
+                     {"name": name, "in": "query", "required": required, "schema": {"type": "string"},
+                      "description": text} for name, required, text in (
+                         ("shape", True, "S,R,C (K,J,I with ijk_to_ras)"), ("dtype", True, "int16"),
+                         ("spacing_mm", False, "col,row,slice spacing in mm (without ijk_to_ras)"),
+                         ("ijk_to_ras", False, "16 numbers, row by row: the body is the volume as stored"),
+                         ("resample", False, "true: resample a tilted volume onto the nearest axial grid"))]})
 async def upload_volume(request: Request) -> JSONResponse:
     service = _service(request)
     require_content_type(request, "application/octet-stream")
     shape, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
+    ijk_to_ras, resample = parse_scan_params(request.query_params)
     await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
     try:
         reservation = service.volumes.reserve(n_bytes)
@@ -117,8 +123,11 @@ async def upload_volume(request: Request) -> JSONResponse:
         body = await read_exactly(request, n_bytes)
         array = body.view("<i2").astype(np.int16, copy=False).reshape(shape)
         array.flags.writeable = False
+        resampled = False
+        if ijk_to_ras is not None:  # sent as stored: the model view (resampled when tilted and asked) is made here
+            array, spacing, resampled = await asyncio.to_thread(model_view_of_scan, array, ijk_to_ras, resample)
         volume = service.volumes.add(array, spacing, reserved=True)
-    return _reply(p.VolumeUploadResponse(volume.volume_id, array.shape, spacing), status=201)
+    return _reply(p.VolumeUploadResponse(volume.volume_id, array.shape, spacing, resampled), status=201)
 
 
 @api_router.post(p.ROUTE_SWEEPS, status_code=202,

@@ -36,6 +36,28 @@ class StoredVolume:
         return int(self.array.nbytes)
 
 
+def model_view_of_scan(array_kji: np.ndarray, ijk_to_ras: np.ndarray,
+                       resample: bool) -> tuple[np.ndarray, tuple[float, float, float], bool]:
+    """A volume uploaded as stored -> (model-view array [S, R, C], (col, row, slice) spacing, resampled). A tilted
+    volume is resampled onto its nearest axial grid with `resample`, and refused (422) naming the option without."""
+    from SlicerMiniGPTPancreas import geometry
+
+    resampled = False
+    try:
+        view = geometry.ModelView.from_volume(array_kji, ijk_to_ras)
+    except geometry.ObliqueVolumeError as error:
+        if not resample:
+            raise ApiError(p.ErrorCode.VALIDATION,
+                           f"{error} Or upload it again with resample=true (the client's upload_scan(..., "
+                           "resample=True); the Slicer module's resample_tilted option): the server then resamples "
+                           "it onto the nearest axial grid and says so in the reply (resampled).") from None
+        view = geometry.ModelView.from_volume(*geometry.resample_volume_to_axial(array_kji, ijk_to_ras))
+        resampled = True
+    array = np.ascontiguousarray(view.array, dtype=np.int16)
+    array.flags.writeable = False
+    return array, view.spacing, resampled
+
+
 @dataclass
 class Reservation:
     """Bytes an upload in progress holds in a VolumeStore; given back when its `with` block ends."""
