@@ -22,7 +22,7 @@ import numpy as np
 
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError
-from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView
+from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView, ObliqueVolumeError, nearest_axial_grid
 from SlicerMiniGPTPancreas.wire_arrays import check_volume_bytes
 
 from .boxes_to_markups import (GREEN, PlacedBox, RoiRun, add_box_rois, module_node, move_under,
@@ -61,6 +61,14 @@ class SweepRequest:
     volume_hu: np.ndarray  # [last - first + 1, R, C] int16 copy
     spacing_mm: tuple[float, float, float]  # (col, row, slice)
     upload_key: tuple  # identifies these voxels: the same key reuses the server's copy
+    # A tilted volume with resample_tilted: volume_hu is then the whole volume as stored [K, J, I], uploaded with
+    # this ijk_to_ras for the server to resample onto the nearest axial grid, which `geometry` describes.
+    scan_ijk_to_ras: np.ndarray | None = None
+
+    @property
+    def uploaded_first_slice(self) -> int:
+        """The model-view slice that is slice 0 of the uploaded volume."""
+        return 0 if self.scan_ijk_to_ras is not None else self.first_slice
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class MiniGPTPancreasLogic:
         self.poll_interval_s = poll_interval_s
         self._sleep = sleep
         self._uploads: dict[tuple, str] = {}  # SweepRequest.upload_key -> the server's volume id
+        # Sweep a tilted volume by having the server resample it onto the nearest axial grid (off: refused)
+        self.resample_tilted = False
         self.info: p.ModelInfo | None = None  # what the server said on connect()
         self.local_server = LocalServer()
         self.chat_session = ChatSession()
@@ -225,12 +235,16 @@ class MiniGPTPancreasLogic:
     # --- a range of slices ---------------------------------------------------------------------------------------
 
     def prepare_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None = None) -> SweepRequest:
-        """Main thread: copy model-view slices first..last (inclusive; None = all) as int16 HU."""
-        view = model_view(volume_node)
-        first, last = (0, view.shape[0] - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
-        if not 0 <= first <= last < view.shape[0]:
-            raise GeometryError(f"The slice range {first} to {last} is not inside the volume (slices 0 to "
-                                f"{view.shape[0] - 1}); the first slice must not come after the last.")
+        """Main thread: copy model-view slices first..last (inclusive; None = all) as int16 HU; a tilted volume whole,
+        for the server to resample, with `resample_tilted`."""
+        try:
+            view = model_view(volume_node)
+        except ObliqueVolumeError as error:
+            if not self.resample_tilted:
+                raise ObliqueVolumeError(f"{error} Or let the server resample it (the logic's resample_tilted "
+                                         "option).") from error
+            return self._prepare_tilted_sweep(volume_node, slice_range)
+        first, last = _checked_range(slice_range, view.shape[0])
         check_volume_bytes((last - first + 1,) + view.shape[1:], "the slice range")
         image = volume_node.GetImageData()
         key = (volume_node.GetID(), image.GetMTime(), view.ijk_to_ras.tobytes(), first, last)
@@ -244,14 +258,20 @@ class MiniGPTPancreasLogic:
         report = progress_callback or (lambda done, total: None)
         cancelled = should_cancel or (lambda: False)
         total = request.last_slice - request.first_slice + 1
+        offset = request.uploaded_first_slice
+
+        def start(volume_id: str) -> p.SweepJobStatus:
+            return self._client.start_sweep(volume_id, prompt, slice_start=request.first_slice - offset,
+                                            slice_stop=request.last_slice + 1 - offset)
+
         volume_id = self._upload(request)
         if cancelled():
             return SweepOutcome("cancelled", 0, total, {}, "cancelled before the sweep started")
         try:
-            status = self._client.start_sweep(volume_id, prompt)
+            status = start(volume_id)
         except ResourceNotFoundError:  # the server dropped the volume (restart, memory limit): send it again
             self._uploads.pop(request.upload_key, None)
-            status = self._client.start_sweep(self._upload(request), prompt)
+            status = start(self._upload(request))
         while not status.finished:
             report(status.done, status.total)
             if cancelled():
@@ -260,7 +280,7 @@ class MiniGPTPancreasLogic:
             self._sleep(self.poll_interval_s)
             status = self._client.sweep_status(status.job_id)
         report(status.done, status.total)
-        responses = {request.first_slice + r.slice_index: r for r in status.results}
+        responses = {offset + r.slice_index: r for r in status.results}
         return SweepOutcome(status.state, status.done, status.total, responses, status.message)
 
     def add_sweep_boxes(self, request: SweepRequest, outcome: SweepOutcome, prompt: str, scene: Any,
@@ -346,9 +366,33 @@ class MiniGPTPancreasLogic:
         self.last_run = LastRun(run, dict(responses), volume_node)
         return run
 
+    def _prepare_tilted_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None) -> SweepRequest:
+        array_kji, matrix = volume_array_and_matrix(volume_node)
+        check_volume_bytes(array_kji.shape, "the volume")
+        grid = nearest_axial_grid(matrix, array_kji.shape)  # what the server resamples onto
+        geometry = ModelView.from_volume(np.broadcast_to(np.zeros((), np.int16), array_kji.shape), grid)
+        first, last = _checked_range(slice_range, geometry.shape[0])
+        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), matrix.tobytes(), "resampled")
+        return SweepRequest(volume_node.GetName(), geometry, first, last, to_int16_hu(array_kji), geometry.spacing,
+                            key, scan_ijk_to_ras=matrix)
+
     def _upload(self, request: SweepRequest) -> str:
         volume_id = self._uploads.get(request.upload_key)
         if volume_id is None:
-            volume_id = self._client.upload_volume(request.volume_hu, request.spacing_mm).volume_id
-            self._uploads[request.upload_key] = volume_id
+            if request.scan_ijk_to_ras is None:
+                uploaded = self._client.upload_volume(request.volume_hu, request.spacing_mm)
+            else:
+                uploaded = self._client.upload_scan(request.volume_hu, request.scan_ijk_to_ras, resample=True)
+                if not uploaded.resampled:  # a server before API 1.1 ignores resample
+                    raise GeometryError("The server did not resample the tilted volume; update the server.")
+            volume_id = self._uploads[request.upload_key] = uploaded.volume_id
         return volume_id
+
+
+def _checked_range(slice_range: tuple[int, int] | None, slices: int) -> tuple[int, int]:
+    """(first, last) model-view slices of `slice_range` (None: all), inside a volume of `slices` slices."""
+    first, last = (0, slices - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
+    if not 0 <= first <= last < slices:
+        raise GeometryError(f"The slice range {first} to {last} is not inside the volume (slices 0 to "
+                            f"{slices - 1}); the first slice must not come after the last.")
+    return first, last

@@ -1,0 +1,70 @@
+"""The Slicer module's logic sweeping a gantry-tilted volume node (real MRML nodes from the slicer-core wheel) on a
+REAL server (uvicorn around a tiny MiniGPT-v2): refused naming the logic's resample_tilted option, or uploaded as
+stored for the server to resample, with every ROI where the resampled grid puts its box and the slices the model saw
+showing the patient's block where it is (tilted_volume.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from live_server import LiveServer
+# slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
+from slicer_fixtures import REFER, WAIT_S
+from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
+
+from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
+from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
+from MiniGPTPancreasLib.volume_geometry import add_volume_node
+from SlicerMiniGPTPancreas.geometry import ModelView, ObliqueVolumeError, nearest_axial_grid
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The real service around a tiny MiniGPT-v2 whose engine keeps every slice it was asked about."""
+    pytest.importorskip("uvicorn")
+    from backend.checkpoints import load_upstream
+    from backend.engine import InferenceEngine
+    from backend.service import create_app
+    from backend.tiny_upstream import build_tiny_upstream
+
+    class RecordingEngine(InferenceEngine):
+        seen: list[np.ndarray] = []
+
+        def run(self, slices_hu, prompts, **options):
+            self.seen.extend(np.array(s) for s in slices_hu)
+            return super().run(slices_hu, prompts, **options)
+
+    files = build_tiny_upstream(tmp_path_factory.mktemp("tiny_upstream"))
+    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
+                          image_size=files.sizes.image_size)
+    engine = RecordingEngine(model, batch_size=4, model_id="tiny-slicer-test")
+    with LiveServer(create_app(engine, constrain_boxes=True)) as server:
+        server.engine = engine
+        yield server
+
+
+def test_a_tilted_volume_is_refused_unless_the_server_may_resample_it(live, scene):
+    hu, matrix = tilted_ct()
+    node = add_volume_node(scene, hu, matrix, "tilted CT")
+    logic = MiniGPTPancreasLogic(poll_interval_s=0.02)
+    logic.set_server(live.url, read_timeout=WAIT_S)
+    with pytest.raises(ObliqueVolumeError, match=r"0\.50 degrees.*resample_tilted"):
+        logic.prepare_sweep(node)
+
+    logic.resample_tilted = True
+    outcome = logic.sweep_volume(node, REFER, slice_range=(8, 16), scene=scene)
+    assert outcome.state == "done" and sorted(outcome.responses) == list(range(8, 17))
+    grid = ModelView.from_volume(np.zeros(hu.shape, np.int16), nearest_axial_grid(matrix, hu.shape))
+    seen = np.zeros((grid.shape[0],) + live.engine.seen[0].shape, np.int16)
+    seen[8:17] = live.engine.seen[-9:]  # the resampled slices 8..16, in order
+    assert_block_boxes_cover_the_block(seen, grid)
+    rois = [scene.GetNthNodeByClass(i, "vtkMRMLMarkupsROINode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode"))]
+    placed = [(s, box.box) for s, response in sorted(outcome.responses.items()) for box in response.boxes]
+    assert placed and len(rois) >= len(placed)
+    for roi, (s, box) in zip(rois, placed):
+        center, size = roi_world_center_and_size(roi)
+        want_center, want_size = grid.box_to_ras(box, s)
+        np.testing.assert_allclose(center, want_center, atol=1e-6)
+        np.testing.assert_allclose(size, want_size, atol=1e-6)
