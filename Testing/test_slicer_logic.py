@@ -111,6 +111,25 @@ def test_check_server_reads_the_health_of_the_real_service(logic):
     assert (health.status, health.model_id) == ("ok", "tiny-slicer-test")
 
 
+def test_apply_with_unchanged_settings_asks_over_the_same_connection(logic, live, scene, phantom):
+    """The panel calls set_server on every Apply: a question must not pay for a new connection each time."""
+    request = logic.prepare_slice(add_ct(scene, phantom), 20)
+
+    def peers():
+        return {connection.client for connection in set(live.server.server_state.connections)}
+
+    def new_peers_after_asking():
+        before = peers()
+        logic.query_slice(request, REFER)
+        return peers() - before
+
+    assert len(new_peers_after_asking()) == 1  # the first question opens a connection
+    logic.set_server(live.url + "/", read_timeout=WAIT_S)  # the same server, written as a user may type it
+    assert new_peers_after_asking() == set()
+    logic.set_server(live.url, read_timeout=WAIT_S / 2)  # other settings: another client
+    assert len(new_peers_after_asking()) == 1
+
+
 @pytest.mark.parametrize("orientation", ["RAS", "LSP"])
 def test_analyze_slice_sends_the_model_view_slice_and_draws_its_boxes(logic, live, scene, phantom, orientation):
     ph = reorient(phantom, orientation)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from SlicerMiniGPTPancreas import protocol as p
-from SlicerMiniGPTPancreas.client import DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError
+from SlicerMiniGPTPancreas.client import (DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError,
+                                          normalize_base_url)
 from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView, ObliqueVolumeError, nearest_axial_grid
 from SlicerMiniGPTPancreas.wire_arrays import check_volume_bytes
 
@@ -120,6 +121,7 @@ class MiniGPTPancreasLogic:
     def __init__(self, client: MiniGPTPancreasClient | None = None, *,
                  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S, sleep: Callable[[float], None] = time.sleep) -> None:
         self._client = client if client is not None else MiniGPTPancreasClient(DEFAULT_URL)
+        self._server_settings: tuple | None = None  # set_server's arguments, normalised
         self.poll_interval_s = poll_interval_s
         self._sleep = sleep
         self._uploads: dict[tuple, str] = {}  # SweepRequest.upload_key -> the server's volume id
@@ -140,13 +142,17 @@ class MiniGPTPancreasLogic:
         return presets_from_info(self.info) if self.info is not None else ()
 
     def set_server(self, base_url: str, token: str | None = None, **client_options: Any) -> None:
-        """Use the server at `base_url` (ConnectionSettingsError for a bad address or token)."""
+        """Use the server at `base_url` (ConnectionSettingsError for a bad address or token). The panel calls this
+        on every Apply: unchanged settings keep the client, and with it its open keep-alive connection."""
+        settings = (normalize_base_url(base_url), token, sorted(client_options.items()))
+        if settings == self._server_settings:
+            return
         new_client = MiniGPTPancreasClient(base_url, token=token, **client_options)
         if new_client.base_url != self._client.base_url:
             self._uploads.clear()  # volume ids belong to the server that issued them
             self.info = None
         self._client.close()
-        self._client = new_client
+        self._client, self._server_settings = new_client, settings
 
     def check_server(self) -> p.Health:
         """The server's health after the API version check ("Test connection"); raises ClientError."""
