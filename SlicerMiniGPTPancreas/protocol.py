@@ -32,7 +32,8 @@ from .validation import (
 )
 from .wire_arrays import MAX_SLICE_SIDE, MAX_VOLUME_SLICES, SLICE_FIELD, check_int16_array
 
-API_VERSION = "1.1"  # 1.1: a volume may be uploaded as stored, with its geometry (encode_scan)
+API_VERSION = "1.2"  # 1.1: a volume may be uploaded as stored, with its geometry (encode_scan); 1.2: /info
+# lists the model's tasks (ModelInfo.tasks)
 API_PREFIX = "/api/v1"
 API_VERSION_HEADER = "X-MiniGPT-Pancreas-API-Version"  # the client's version, sent with every request
 
@@ -259,8 +260,27 @@ class Health(Schema):
 
 
 @dataclass(frozen=True)
+class TaskInfo(Schema):
+    """One task the model was fine-tuned for (a stage of MiniGPT-Pancreas's cascade) and the prompts that ask it."""
+
+    name: str  # e.g. "pancreas_detection", as the training cascade names its stages
+    title: str  # for a menu, e.g. "Pancreas detection"
+    kind: str  # what its answers are, one of ANSWER_KINDS: "boxes" or "yes_no" for the cascade's tasks
+    prompts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self._set("name", check_str, 200)
+        self._set("title", check_str, 200)
+        self._set("kind", check_choice, ANSWER_KINDS)
+        self._set("prompts", check_list, 100)
+        for index, prompt in enumerate(self.prompts):
+            check_str(prompt, f"TaskInfo.prompts[{index}]", MAX_PROMPT_CHARS)
+
+
+@dataclass(frozen=True)
 class ModelInfo(Schema):
-    """GET /api/v1/info: what the server runs and its limits."""
+    """GET /api/v1/info: what the server runs and its limits. `example_prompts` are the prompts of all `tasks`, in
+    order (servers before API 1.2 send no tasks, only example prompts)."""
 
     model_id: str
     api_version: str
@@ -272,6 +292,7 @@ class ModelInfo(Schema):
     max_upload_bytes: int
     example_prompts: tuple[str, ...] = ()
     synthetic: bool = False  # a demonstration model trained on synthetic CT only; optional: older servers omit it
+    tasks: tuple[TaskInfo, ...] = field(default=(), metadata={"schema": TaskInfo, "many": True, "max_len": 100})
 
     def __post_init__(self) -> None:
         for name in ("model_id", "server_version", "device", "precision"):
@@ -284,6 +305,7 @@ class ModelInfo(Schema):
         for index, prompt in enumerate(self.example_prompts):
             check_str(prompt, f"ModelInfo.example_prompts[{index}]", MAX_PROMPT_CHARS)
         self._set("synthetic", check_bool)
+        self._set_items("tasks", TaskInfo, 100)
 
 
 @dataclass(frozen=True)

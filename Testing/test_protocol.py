@@ -172,6 +172,8 @@ def test_slice_query_request_round_trip_keeps_the_slice_exact():
     _query_response(kind="invalid", answer="{<10><20>", boxes=[], reason="unterminated box"),
     p.Health("ok", "1.0", "minigpt-pancreas-demo", "cuda:0", False),
     p.ModelInfo("m", "1.0", "0.1.0", "cpu", "float32", 448, 1024, 64 << 20, ("[vqa] is there a tumor?",)),
+    p.ModelInfo("m", "1.2", "0.1.0", "cpu", "float32", 448, 1024, 64 << 20, ("[vqa] is there a tumor?",),
+                tasks=(p.TaskInfo("tumor_classification", "Tumour yes/no", "yes_no", ("[vqa] is there a tumor?",)),)),
     p.VolumeUploadResponse("vol-1", (80, 512, 512), (0.7, 0.7, 2.5)),
     p.SweepJobRequest("vol-1", "[refer] where is the pancreas?", 10, 40, 2),
     p.SweepJobStatus("job-1", "vol-1", "running", 2, 15, (_query_response(slice_index=10),
@@ -194,6 +196,15 @@ def test_chat_request_round_trip():
 def test_unknown_keys_from_a_newer_minor_version_are_ignored():
     wire = dict(p.Health("loading", "1.4", "", "cpu", True).to_dict(), gpu_memory_gb=80)
     assert p.Health.from_dict(wire).status == "loading"
+
+
+def test_model_info_of_a_server_before_api_1_2_has_no_tasks_and_a_bad_task_is_named():
+    older = p.ModelInfo("m", "1.1", "0.1.0", "cpu", "float32", 448, 1024, 64 << 20, ("[refer] pancreas",)).to_dict()
+    del older["tasks"]
+    assert p.ModelInfo.from_dict(older).tasks == ()
+    task = {"name": "t", "title": "T", "kind": "maybe", "prompts": ["[refer] pancreas"]}
+    with pytest.raises(ProtocolError, match=r"ModelInfo\.tasks\[0\]\.kind"):
+        p.ModelInfo.from_dict({**older, "tasks": [task]})
 
 
 def test_sweep_status_reports_whether_it_is_finished():

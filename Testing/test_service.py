@@ -104,6 +104,10 @@ def test_health_and_info_describe_the_loaded_model(api, engine):
     assert (info.model_id, info.device, info.precision, info.image_size) == ("tiny-test", "cpu", "float32", 56)
     assert info.max_upload_bytes == 200_000 and info.max_new_tokens_limit == p.MAX_NEW_TOKENS_LIMIT
     assert REFER in info.example_prompts
+    tasks = {task.name: task for task in info.tasks}
+    assert list(tasks) == ["pancreas_detection", "tumor_classification", "tumor_detection", "multi_organ"]
+    assert tasks["pancreas_detection"].prompts == (REFER,) and tasks["tumor_classification"].kind == "yes_no"
+    assert info.example_prompts == tuple(prompt for task in info.tasks for prompt in task.prompts)
 
 
 def test_query_answers_like_the_engine_with_boxes_on_the_sent_slice(api, engine):

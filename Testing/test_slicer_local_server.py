@@ -5,6 +5,7 @@ starts the process with slicer.util.launchConsoleProcess instead of subprocess.P
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -16,12 +17,15 @@ import numpy as np
 import pytest
 
 # slicer_fixtures before the Lib: it skips without slicer-core and puts MiniGPTPancreasModule/ on sys.path.
-from slicer_fixtures import ROOT, WAIT_S, add_ct, expected_view, new_scene, noise_free_phantom, truth_slices
+from slicer_fixtures import (REFER, ROOT, WAIT_S, add_ct, expected_view, new_scene, noise_free_phantom,
+                             truth_slices)
 
 from MiniGPTPancreasLib import local_server
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
+from MiniGPTPancreasLib.prompts import menu_entries, presets_from_info
 from MiniGPTPancreasLib.summaries import describe_info
+from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import ClientError
 
 START_S = 240.0  # importing torch and loading the demo model on a busy 2-core machine
@@ -70,14 +74,30 @@ def test_a_second_start_reuses_the_server_already_answering(demo_server):
     assert other.stop_local_server() is None and logic.check_server().status == "ok"  # not ours: left running
 
 
-def test_the_questions_offered_are_the_servers_example_prompts(demo_server):
-    from backend.service.app import EXAMPLE_PROMPTS
+def test_the_questions_offered_are_the_prompts_of_the_servers_tasks_grouped_by_task(demo_server):
+    logic, _, info = demo_server
+    assert [task.name for task in info.tasks] == ["pancreas_detection", "tumor_classification", "tumor_detection",
+                                                  "multi_organ"]
+    entries = [None if preset is None else (preset.task, preset.title) for preset in menu_entries(logic.presets)]
+    assert entries == [
+        ("Pancreas detection", "Pancreas: where is it? (box)"), None,
+        ("Pancreatic tumour yes/no", "Does the pancreas contain a tumor? (yes/no)"), None,
+        ("Pancreatic tumour detection", "Pancreatic tumor: where is it? (box)"), None,
+        ("Liver, kidney and spleen detection", "Liver: where is it? (box)"),
+        ("Liver, kidney and spleen detection", "Kidney: where is it? (box)"),
+        ("Liver, kidney and spleen detection", "Spleen: where is it? (box)")]
+    assert [preset.prompt for preset in logic.presets] == list(info.example_prompts)  # what older clients offer
+    assert "tasks: Pancreas detection; Pancreatic tumour yes/no; " in describe_info(info, logic.client.base_url)
 
-    logic, _, _ = demo_server
-    assert [preset.prompt for preset in logic.presets] == list(EXAMPLE_PROMPTS)
-    assert [preset.title for preset in logic.presets] == [
-        "Pancreas: where is it? (box)", "Pancreatic tumor: where is it? (box)",
-        "Does the pancreas contain a tumor? (yes/no)"]
+
+def test_a_server_without_tasks_offers_its_example_prompts_and_a_task_list_filters_them():
+    older = p.ModelInfo("m", "1.1", "0.1", "cpu", "float32", 448, 1024, 1 << 20, (REFER, "[vqa] what is this?"))
+    assert [(preset.prompt, preset.task) for preset in presets_from_info(older)] == [
+        (REFER, ""), ("[vqa] what is this?", "")]
+    assert None not in menu_entries(presets_from_info(older))
+    newer = dataclasses.replace(older, tasks=(p.TaskInfo("pancreas_detection", "Pancreas detection", "boxes",
+                                                         (REFER,)),))
+    assert [(preset.prompt, preset.task) for preset in presets_from_info(newer)] == [(REFER, "Pancreas detection")]
 
 
 def test_chat_about_a_slice_keeps_the_turns_and_draws_the_boxes_of_the_answer(demo_server):

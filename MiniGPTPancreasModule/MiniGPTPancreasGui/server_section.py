@@ -10,6 +10,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from MiniGPTPancreasLib.local_server import LOOPBACK_HOSTS, STARTED, default_executable, default_model_dir
+from MiniGPTPancreasLib.prompts import menu_entries
 from MiniGPTPancreasLib.summaries import describe_info
 from SlicerMiniGPTPancreas.client import DEFAULT_URL
 
@@ -33,13 +34,20 @@ class ServerSection:
         self._fillPresets()
 
     def _fillPresets(self):
-        """The questions the connected server offers, then the entry for a question of one's own."""
-        wasBlocked = self.ui.presetComboBox.blockSignals(True)
-        self.ui.presetComboBox.clear()
-        for preset in self.logic.presets:
-            self.ui.presetComboBox.addItem(preset.title, preset.prompt)
-        self.ui.presetComboBox.addItem(_("Your own question (type it below)"), CUSTOM_PROMPT)
-        self.ui.presetComboBox.blockSignals(wasBlocked)
+        """The questions the connected server offers, a group per task of its model (a separator between them, the
+        task named in the tooltip), then the entry for a question of one's own."""
+        comboBox = self.ui.presetComboBox
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.clear()
+        for preset in menu_entries(self.logic.presets) + [None]:
+            if preset is None:  # between two tasks, and before one's own question (none in an empty menu)
+                if comboBox.count:
+                    comboBox.insertSeparator(comboBox.count)
+                continue
+            comboBox.addItem(preset.title, preset.prompt)
+            comboBox.setItemData(comboBox.count - 1, preset.task, qt.Qt.ToolTipRole)
+        comboBox.addItem(_("Your own question (type it below)"), CUSTOM_PROMPT)
+        comboBox.blockSignals(wasBlocked)
         if self._parameterNode and not self._parameterNode.prompt and self.logic.presets:
             self._parameterNode.prompt = self.ui.promptLineEdit.text = self.logic.presets[0].prompt
         self._selectPresetOf(self.ui.promptLineEdit.text)

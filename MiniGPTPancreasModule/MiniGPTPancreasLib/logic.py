@@ -159,7 +159,7 @@ class MiniGPTPancreasLogic:
         return self._client.check_connection()
 
     def connect(self) -> p.ModelInfo:
-        """Check the server, then read /api/v1/info: the model id, whether it is synthetic, its example prompts."""
+        """Check the server, then read /api/v1/info: the model id, whether it is synthetic, its tasks and prompts."""
         self.check_server()
         self.info = self._client.info()
         return self.info

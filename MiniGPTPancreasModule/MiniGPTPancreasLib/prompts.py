@@ -1,5 +1,6 @@
-"""The questions the module offers come from the server (`/api/v1/info`, `example_prompts`): the model that
-answers decides what it can be asked. Here: titles for the menu and names for the boxes, read from the prompt text.
+"""The questions the module offers come from the server (`/api/v1/info`): the model that answers decides what it can
+be asked, task by task (servers before API 1.2 list only example prompts). Here: the menu entries, grouped by task,
+with titles and names for the boxes read from the prompt text.
 """
 
 from __future__ import annotations
@@ -27,12 +28,26 @@ class PromptPreset:
     title: str
     prompt: str
     box_label: str  # ROI names read "<box_label> s<slice> (<confidence>)"
+    task: str = ""  # the title of the model's task it belongs to ("" from a server that lists no tasks)
 
 
 def presets_from_info(info: p.ModelInfo) -> tuple[PromptPreset, ...]:
-    """The server's example prompts as menu entries, in the server's order."""
-    return tuple(PromptPreset(preset_title(prompt), prompt, box_label_for_prompt(prompt))
-                 for prompt in info.example_prompts)
+    """The prompts of the server's tasks as menu entries, task after task in the server's order; from a server
+    without a task list, its example prompts."""
+    prompts_and_tasks = ([(prompt, task.title) for task in info.tasks for prompt in task.prompts] if info.tasks
+                         else [(prompt, "") for prompt in info.example_prompts])
+    return tuple(PromptPreset(preset_title(prompt), prompt, box_label_for_prompt(prompt), task)
+                 for prompt, task in prompts_and_tasks)
+
+
+def menu_entries(presets: tuple[PromptPreset, ...]) -> list[PromptPreset | None]:
+    """The presets with None (a separator) between two tasks."""
+    entries: list[PromptPreset | None] = []
+    for index, preset in enumerate(presets):
+        if index and preset.task != presets[index - 1].task:
+            entries.append(None)
+        entries.append(preset)
+    return entries
 
 
 def preset_title(prompt: str) -> str:

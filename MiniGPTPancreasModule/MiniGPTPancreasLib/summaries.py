@@ -16,10 +16,12 @@ def describe_health(health: p.Health, base_url: str) -> str:
 
 
 def describe_info(info: p.ModelInfo, base_url: str) -> str:
-    """Which model answers, where, and whether it is the synthetic demo model."""
+    """Which model answers, where, whether it is the synthetic demo model, and its tasks."""
     synthetic = " (a demonstration model trained on synthetic CT only: not for patients)" if info.synthetic else ""
-    return (f"Model {info.model_id}{synthetic} on {info.device} at {base_url}; {len(info.example_prompts)} "
-            f"suggested questions; uploads up to {info.max_upload_bytes / 2**20:.0f} MiB.")
+    offers = (f"tasks: {'; '.join(task.title for task in info.tasks)}" if info.tasks
+              else f"{len(info.example_prompts)} suggested questions")
+    return (f"Model {info.model_id}{synthetic} on {info.device} at {base_url}; {offers}; uploads up to "
+            f"{info.max_upload_bytes / 2**20:.0f} MiB.")
 
 
 def describe_response(response: p.QueryResponse, slice_index: int) -> str:

@@ -24,10 +24,18 @@ from .security import BearerAuth, check_token
 from .state import Service, ServiceLimits
 from .worker import EngineWorker, QueueFullError, WorkerUnavailableError
 
-EXAMPLE_PROMPTS = (
-    prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE),
-    prompts.refer_eval_instruction(prompts.TUMOR_PHRASE),
-    prompts.TC_EVAL_PROMPT,
+# What /api/v1/info offers: the tasks of MiniGPT-Pancreas's cascade (named as training/configs/cascade.json names
+# its stages), each asked with upstream's evaluation prompt. Multi-organ's fourth organ, the pancreas, is asked by
+# pancreas detection's prompt.
+TASKS = (
+    p.TaskInfo("pancreas_detection", "Pancreas detection", "boxes",
+               (prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE),)),
+    p.TaskInfo("tumor_classification", "Pancreatic tumour yes/no", "yes_no", (prompts.TC_EVAL_PROMPT,)),
+    p.TaskInfo("tumor_detection", "Pancreatic tumour detection", "boxes",
+               (prompts.refer_eval_instruction(prompts.TUMOR_PHRASE),)),
+    p.TaskInfo("multi_organ", "Liver, kidney and spleen detection", "boxes",
+               tuple(prompts.refer_eval_instruction(organ) for organ in prompts.ABD_ORGANS
+                     if organ != prompts.PANCREAS_PHRASE)),
 )
 DESCRIPTION = (
     "MiniGPT-Pancreas answers questions about axial CT slices with text, yes/no and bounding boxes. Slices and "
@@ -50,7 +58,7 @@ def create_app(engine: InferenceEngine | None = None, *, load_engine: Callable[[
     worker = EngineWorker(engine, load_engine=load_engine, max_queue=limits.max_queue,
                           max_sweeps=limits.max_sweeps)
     service = Service(worker, BearerAuth(check_token(token)), limits, EngineCalls(constrain_boxes),
-                      device_hint=device_hint, example_prompts=EXAMPLE_PROMPTS)
+                      device_hint=device_hint, tasks=TASKS)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -59,7 +59,7 @@ def health(request: Request) -> JSONResponse:
                            busy=service.worker.busy))
 
 
-@api_router.get(p.ROUTE_INFO, summary="The model, its device and the server's limits")
+@api_router.get(p.ROUTE_INFO, summary="The model, its tasks and prompts, its device and the server's limits")
 def info(request: Request) -> JSONResponse:
     service = _service(request)
     engine = service.ready_engine()
@@ -67,7 +67,7 @@ def info(request: Request) -> JSONResponse:
         model_id=engine.model_id, api_version=p.API_VERSION, server_version=service.server_version,
         device=engine.device, precision=engine.precision, image_size=engine.image_size,
         max_new_tokens_limit=p.MAX_NEW_TOKENS_LIMIT, max_upload_bytes=service.limits.max_upload_bytes,
-        example_prompts=service.example_prompts, synthetic=engine.synthetic))
+        example_prompts=service.example_prompts, synthetic=engine.synthetic, tasks=service.tasks))
 
 
 @api_router.post(p.ROUTE_QUERY, summary="Ask one question about one slice",

@@ -54,7 +54,7 @@ class Service:
     limits: ServiceLimits
     engine_calls: EngineCalls
     device_hint: str = "unknown"  # reported by /healthz while the model loads
-    example_prompts: tuple[str, ...] = ()
+    tasks: tuple[p.TaskInfo, ...] = ()  # what /api/v1/info offers
     server_version: str = field(default_factory=server_version)
     volumes: VolumeStore = field(init=False)
     jobs: JobStore = field(init=False)
@@ -64,6 +64,11 @@ class Service:
         self.volumes = VolumeStore(self.limits.volume_memory_bytes, self.limits.volume_ttl_s)
         self.jobs = JobStore(self.limits.job_ttl_s)
         self.bodies = BodySlots(self.limits.max_bodies)
+
+    @property
+    def example_prompts(self) -> tuple[str, ...]:
+        """Every task's prompts, in order: what servers before API 1.2 offered instead of tasks."""
+        return tuple(prompt for task in self.tasks for prompt in task.prompts)
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Take no more work, cancel every sweep, and answer what still waits within `grace_s` (server.py)."""
