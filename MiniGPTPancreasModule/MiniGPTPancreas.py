@@ -396,5 +396,6 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         slicer.app.applicationLogic().PropagateTableSelection()
         slicer.app.applicationLogic().PropagatePlotChartSelection()
         mean = "n/a" if comparison.mean_iou is None else f"{comparison.mean_iou:.3f}"
-        self.ui.statusLabel.text = _("Mean IoU {mean} over {count} slices; truth boxes in green.").format(
-            mean=mean, count=len(comparison.rows))
+        self.ui.statusLabel.text = _("Mean IoU {mean} over {count} slices, boxes >= {threshold:.2f}; truth boxes in "
+                                     "green.").format(mean=mean, count=len(comparison.rows),
+                                                      threshold=comparison.threshold)

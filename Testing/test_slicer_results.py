@@ -111,6 +111,29 @@ def test_the_last_run_is_what_threshold_export_and_ground_truth_act_on(scene, ph
     assert [row.slice_index for row in logic.compare_last_run(labels).rows] == list(range(10, 31))
 
 
+def test_ground_truth_is_compared_with_the_boxes_shown_at_the_threshold_which_table_and_plot_name(scene, phantom):
+    node = add_ct(scene, phantom)
+    labels = add_volume_node(scene, phantom.labels, phantom.ijk_to_ras, "labels", "vtkMRMLLabelMapVolumeNode")
+    logic = MiniGPTPancreasLogic()
+    logic.add_sweep_boxes(logic.prepare_sweep(node, (10, 30)), crafted_sweep(), REFER, scene, node, threshold=0.5)
+
+    def compared():
+        comparison = logic.compare_last_run(labels)
+        table = comparison.table_node.GetTable()
+        mean_row = table.GetNumberOfRows() - 1
+        return ({row.slice_index: row for row in comparison.rows}, table.GetValue(mean_row, 2).ToString(),
+                comparison.plot_chart_node.GetTitle())
+
+    rows, mean_text, plot_title = compared()
+    assert rows[14].predicted is None and rows[14].iou == (None if rows[14].truth is None else 0.0)  # 0.3: hidden
+    assert [s for s, row in rows.items() if row.predicted == PANCREAS_BOX] == [10, 11, 12, 13, 15, 16]
+    assert rows[30].predicted == OUTLIER_BOX  # shown (0.95), so compared
+    assert mean_text.endswith("with a box, boxes >= 0.50") and "boxes >= 0.50: IoU by slice" in plot_title
+    logic.set_threshold(scene, None, 0.0)  # the slider moved back: slice 14's box is shown and compared again
+    rows, mean_text, plot_title = compared()
+    assert rows[14].predicted == PANCREAS_BOX and mean_text.endswith("boxes >= 0.00") and ">= 0.00" in plot_title
+
+
 def test_run_numbers_never_repeat_even_after_a_run_is_deleted(scene, phantom):
     node = add_ct(scene, phantom)
     logic = MiniGPTPancreasLogic()

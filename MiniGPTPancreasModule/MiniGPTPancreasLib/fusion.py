@@ -46,9 +46,14 @@ def run_rois(scene: Any, run_number: int) -> tuple[list[Any], Any]:
     return boxes, fused
 
 
+def shown_at(confidence: float | None, threshold: float) -> bool:
+    """Whether a box of this confidence is shown at `threshold`."""
+    return confidence is None or confidence >= threshold
+
+
 def above_threshold(roi: Any, threshold: float) -> bool:
     confidence = roi.GetAttribute(CONFIDENCE_ATTRIBUTE)
-    return confidence is None or float(confidence) >= threshold
+    return shown_at(None if confidence is None else float(confidence), threshold)
 
 
 def apply_threshold(scene: Any, run_number: int, threshold: float, label: str) -> Any:

@@ -120,8 +120,9 @@ def enclosing_box(boxes: Sequence[Box]) -> Box | None:
     return (float(array[:, 0].min()), float(array[:, 1].min()), float(array[:, 2].max()), float(array[:, 3].max()))
 
 
-def write_comparison_table(scene: Any, rows: Sequence[SliceComparison], name: str) -> Any:
-    """A new vtkMRMLTableNode: one row per slice (slice, predicted box, truth box, IoU) and a last "mean" row.
+def write_comparison_table(scene: Any, rows: Sequence[SliceComparison], name: str, kept: str = "") -> Any:
+    """A new vtkMRMLTableNode: one row per slice (slice, predicted box, truth box, IoU) and a last "mean" row, whose
+    text ends with `kept` (which predicted boxes were compared, e.g. ", boxes >= 0.50").
 
     IoU is a number column; it holds NaN on slices where neither the model nor the truth has a box.
     """
@@ -137,7 +138,7 @@ def write_comparison_table(scene: Any, rows: Sequence[SliceComparison], name: st
                     math.nan if row.iou is None else row.iou)
     mean = mean_iou(rows)
     scored = sum(row.iou is not None for row in rows)
-    _append_row(table, "mean", "", f"over {scored} slices with a box", math.nan if mean is None else mean)
+    _append_row(table, "mean", "", f"over {scored} slices with a box{kept}", math.nan if mean is None else mean)
     table_node.SetColumnDescription("IoU", "Box IoU, upstream +1 convention (inclusive pixels); empty where neither "
                                            "the model nor the truth has a box")
     table_node.SetColumnDescription("slice", "Model-view slice (axial, counted from inferior to superior)")

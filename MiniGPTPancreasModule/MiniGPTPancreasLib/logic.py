@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from SlicerMiniGPTPancreas.wire_arrays import check_volume_bytes
 from .boxes_to_markups import (GREEN, PlacedBox, RoiRun, add_box_rois, module_node, move_under,
                                subject_hierarchy)
 from .chat import ChatSession
-from .fusion import apply_threshold
+from .fusion import apply_threshold, shown_at
 from .ground_truth import (SliceComparison, compare_boxes, mean_iou, truth_boxes, truth_mask, write_comparison_table,
                            write_iou_plot)
 from .local_server import LocalServer
@@ -94,6 +94,7 @@ class Comparison:
     table_node: Any
     plot_chart_node: Any = None
     truth_run: RoiRun | None = None  # the truth boxes, drawn in green
+    threshold: float | None = None  # only boxes at or above it were compared (None: every box given)
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,14 @@ class LastRun:
     run: RoiRun
     responses: dict[int, p.QueryResponse]
     volume_node: Any
+    threshold: float = 0.0  # its boxes below it are hidden
 
 
-def predictions_of(responses: Mapping[int, p.QueryResponse]) -> dict[int, list[Box]]:
-    """{slice: boxes} of answers; answers without boxes (nothing found, unreadable) give an empty list."""
-    return {s: [box.box for box in response.boxes] for s, response in responses.items()}
+def predictions_of(responses: Mapping[int, p.QueryResponse], threshold: float = 0.0) -> dict[int, list[Box]]:
+    """{slice: boxes shown at `threshold`} of answers; a slice without any (nothing found, unreadable, all below the
+    threshold) gives an empty list."""
+    return {s: [box.box for box in response.boxes if shown_at(box.confidence, threshold)]
+            for s, response in responses.items()}
 
 
 def placed_boxes(responses: Mapping[int, Any]) -> list[PlacedBox]:
@@ -302,7 +306,10 @@ class MiniGPTPancreasLogic:
     def set_threshold(self, scene: Any, run: RoiRun | None, threshold: float) -> Any:
         """Hide the run's (default: the last run's) boxes below `threshold` (not deleted) and refit its fused ROI;
         the fused ROI or None."""
-        run = run or (self.last_run.run if self.last_run else None)
+        last = self.last_run
+        run = run or (last.run if last else None)
+        if last is not None and run is last.run:
+            self.last_run = replace(last, threshold=threshold)
         return apply_threshold(scene, run.number, threshold, run.title.split(": ", 1)[-1]) if run else None
 
     def sweep_volume(self, volume_node: Any, prompt: str, slice_range: tuple[int, int] | None = None,
@@ -320,32 +327,36 @@ class MiniGPTPancreasLogic:
     def compare_with_ground_truth(self, volume_node: Any, truth_node: Any, predictions: Mapping[int, Sequence[Box]],
                                   *, label_values: Sequence[int] | None = None,
                                   segment_ids: Sequence[str] | None = None, table_name: str | None = None,
-                                  scene: Any = None) -> Comparison:
+                                  scene: Any = None, threshold: float | None = None) -> Comparison:
         """IoU per predicted slice against the truth's boxes: a table node, an IoU-by-slice plot chart node and
-        the truth boxes of those slices as green ROIs (main thread)."""
+        the truth boxes of those slices as green ROIs (main thread). `threshold`: the confidence the predictions
+        were kept at, named in the table and the plot."""
         scene = scene or volume_node.GetScene()
         mask = truth_mask(truth_node, volume_node, label_values=label_values, segment_ids=segment_ids)
         _, matrix = volume_array_and_matrix(volume_node)
         truths = truth_boxes(mask, matrix)
         rows = compare_boxes(predictions, truths)
-        name = table_name or f"MiniGPT-Pancreas IoU vs {truth_node.GetName()}"
-        table = write_comparison_table(scene, rows, name)
+        kept = "" if threshold is None else f", boxes >= {threshold:.2f}"
+        name = table_name or f"MiniGPT-Pancreas IoU vs {truth_node.GetName()}{kept}"
+        table = write_comparison_table(scene, rows, name, kept)
         chart = write_iou_plot(scene, rows, f"{name}: IoU by slice")
         shown = {row.slice_index: row.truth for row in rows if row.truth is not None}
         truth_run = add_box_rois(scene, model_view_geometry(volume_node),
                                  [PlacedBox(s, box) for s, box in sorted(shown.items())],
                                  label=f"ground truth ({truth_node.GetName()})", volume_node=volume_node, color=GREEN)
-        return Comparison(rows, mean_iou(rows), table, chart, truth_run)
+        return Comparison(rows, mean_iou(rows), table, chart, truth_run, threshold)
 
     def compare_last_run(self, truth_node: Any, **selection: Any) -> Comparison:
-        """compare_with_ground_truth for the last run's boxes; ValueError saying what to do when it cannot."""
+        """compare_with_ground_truth for the last run's boxes shown (at or above its threshold); ValueError saying
+        what to do when it cannot."""
         last = self.last_run
         if last is None or last.volume_node is None or last.volume_node.GetScene() is None:
             raise ValueError("There are no answers on a volume in the scene to compare; ask a question first.")
         if not any(response.kind == "boxes" for response in last.responses.values()):
             raise ValueError("The last answers have no boxes (a yes/no question?). Ask a box question first.")
-        return self.compare_with_ground_truth(last.volume_node, truth_node, predictions_of(last.responses),
-                                              **selection)
+        return self.compare_with_ground_truth(last.volume_node, truth_node,
+                                              predictions_of(last.responses, last.threshold),
+                                              threshold=last.threshold, **selection)
 
     def export_last_run(self, folder: Any) -> tuple[Any, Any]:
         """export_run for the last run: its .mrk.json and .csv paths."""
