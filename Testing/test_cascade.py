@@ -30,7 +30,11 @@ def miniature(out: Path) -> dict:
                  "prepare": {"test_ratio": 0.25, "val_ratio": 0.25, "threshold": 0.0, "workers": 1}},
         "fit": {"batch_size": 2, "device": "cpu", "num_workers": 0, "log_every": 1, "seed": 3},
         "stages": [
-            {"name": "base", "start": {"scratch": TINY},
+            {"name": "tower", "start": {"scratch": TINY},  # no "select": the last epoch is kept
+             "datasets": [{"task": "multi_organ_abdomenct1k", "sample_ratio": 1}],
+             "fit": {"train": "vision", "init_lr": 5e-3, "warmup_steps": 2, "iters_per_epoch": 6, "max_epoch": 2,
+                     "patch_grounding": 1.0}},
+            {"name": "base", "start": "tower",
              "datasets": [{"task": "multi_organ_abdomenct1k", "sample_ratio": 1},
                           {"task": "pancreas_detection_msd", "sample_ratio": 1}],
              "fit": {"train": "all", "init_lr": 5e-3, "warmup_steps": 2, "iters_per_epoch": 10, "max_epoch": 2,
@@ -61,6 +65,13 @@ def finished(tmp_path_factory):
     return out, cascade
 
 
+def assert_loss_falls(stage_dir: Path) -> None:
+    """The mean of the last three logged losses is well below that of the first three."""
+    records = [json.loads(line) for line in (stage_dir / "log.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if "loss" in record]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
 def test_each_stage_starts_from_the_epoch_its_predecessor_chose(finished):
     out, cascade = finished
     state = json.loads((out / "run" / "cascade_state.json").read_text())
@@ -70,7 +81,21 @@ def test_each_stage_starts_from_the_epoch_its_predecessor_chose(finished):
         assert recorded["epoch"] == chosen
         assert Path(recorded["previous_stage"]).name == stage["start"]
         scores = state["stages"][stage["start"]]["scores"]
-        assert scores[str(chosen)] == max(scores.values())  # the best validation score wins
+        if scores:
+            assert scores[str(chosen)] == max(scores.values())  # the best validation score wins
+        else:  # a stage without "select" (the tower) hands on its last epoch
+            assert chosen == 1 and not (out / "run" / "stages" / stage["start"] / "validation").exists()
+
+
+def test_the_tower_stage_trains_the_vision_tower_alone(finished):
+    out, _ = finished
+    tower = out / "run" / "stages" / "tower"
+    assert_loss_falls(tower)
+    initial, trained = load_model(tower / "model_epoch_0"), load_model(tower / "model_epoch_1")
+    changed = lambda part: any(not torch.equal(a, b) for a, b in zip(  # noqa: E731
+        part(initial).state_dict().values(), part(trained).state_dict().values()))
+    assert changed(lambda model: model.visual_encoder)
+    assert not changed(lambda model: model.llama_model) and not changed(lambda model: model.llama_proj)
 
 
 def test_validation_uses_the_val_split_never_the_test_split(finished):
@@ -89,9 +114,7 @@ def test_validation_uses_the_val_split_never_the_test_split(finished):
 def test_stage_zero_loss_falls_and_trains_the_base(finished):
     out, _ = finished
     base = out / "run" / "stages" / "base"
-    losses = [json.loads(line)["loss"] for line in (base / "log.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert_loss_falls(base)
     manifest = read_manifest(base / "model_epoch_1")
     assert manifest["base"]["vit_checkpoint"]["path"] == "base/eva_vit.pth"  # its own trained base, relative
 
@@ -118,7 +141,7 @@ def test_a_second_call_resumes_without_training_again(finished, capsys):
     log = (out / "run" / "stages" / "base" / "log.jsonl").read_text()
     assert main(["cascade", str(out / "cascade.json")]) == 0
     assert (out / "run" / "stages" / "base" / "log.jsonl").read_text() == log
-    assert "stage 1/5 base: done" in capsys.readouterr().out
+    assert "stage 2/6 base: done" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [

@@ -244,6 +244,9 @@ def test_examples_use_upstreams_prompt_pools_and_the_prepared_images(prepared):
     (lambda d: d.update(augment={"shift": 0.7}), r"'augment'.shift must be at most 0.5"),
     (lambda d: d.update(augment={"rotate": 10}), r"'augment' must be true, false or"),
     (lambda d: d.update(answer_value=-1), r"'answer_value' must be a number >= 0"),
+    (lambda d: d.update(patch_grounding=1.0), r"'patch_grounding' trains the vision tower"),
+    (lambda d: d.update(train="vision"), r"\"vision\" trains the tower on the patch-grounding loss alone"),
+    (lambda d: d.update(train="vision", patch_grounding=1.0, answer_value=1.0), r"leave 'answer_value' at 0"),
     (lambda d: d["datasets"][0].update(task_file=d["datasets"][0]["task_file"].replace("pancreas", "nope")),
      r"datasets\[0\].task_file: .*nope_detection_msd_train.json does not exist.*prepare"),
 ])

@@ -108,8 +108,13 @@ def _run_stage(config: CascadeConfig, stage: StageSpec, state: CascadeState, dev
     latest = _latest(config.stage_dir(stage.name))
     if latest is None or latest["step"] < fit_config.last_step:
         fit(fit_config, resume=True)
-    for epoch in range(fit_config.last_step // fit_config.iters_per_epoch
-                       + bool(fit_config.last_step % fit_config.iters_per_epoch)):
+    epochs = fit_config.last_step // fit_config.iters_per_epoch + bool(fit_config.last_step % fit_config.iters_per_epoch)
+    if not stage.select_tasks:
+        record["chosen_epoch"] = epochs - 1
+        state.save()
+        say(f"[cascade] {stage.name}: no 'select' tasks, kept the last epoch ({epochs - 1})")
+        return
+    for epoch in range(epochs):
         if str(epoch) not in record["scores"]:
             record["scores"][str(epoch)] = _validate(config, stage, epoch, device)
             state.save()

@@ -28,6 +28,8 @@ report beside it (report/, MODEL_CARD.md) describes exactly those weights; the e
 A stage that starts from an earlier stage starts from that stage's CHOSEN epoch: the one whose model scores best
 on the stage's `select` tasks of the validation split (held-out training volumes, never the test split). The
 score of a task is its STRICT mean IoU (detection) or its strict balanced accuracy (yes/no); tasks are averaged.
+A stage without `select` (e.g. the tower pre-training, `"train": "vision"`, whose language model cannot answer
+yet) keeps its last epoch.
 """
 
 from __future__ import annotations
@@ -165,16 +167,21 @@ def _stages(data: Any, shared: dict[str, Any], file: Path) -> tuple[StageSpec, .
                 isinstance(d, dict) and isinstance(d.get("task"), str) and set(d) <= {"task", "sample_ratio"}
                 for d in datasets):
             raise CascadeConfigError(f"{where}: 'datasets' must list {{\"task\", \"sample_ratio\"}} objects.")
-        select = _object(item.get("select"), f"{where}: select")
-        tasks = select.get("tasks")
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise CascadeConfigError(f"{where}: select.tasks must list the validation tasks that choose the epoch.")
-        limit = select.get("limit")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise CascadeConfigError(f"{where}: select.limit must be a whole number >= 1 or absent.")
+        tasks, limit = _selection(item, where) if "select" in item else ((), None)  # none: the last epoch
         stages.append(StageSpec(name, start, tuple(datasets), {**shared, **_object(item.get("fit", {}), where)},
                                 tuple(tasks), limit))
     return tuple(stages)
+
+
+def _selection(item: dict[str, Any], where: str) -> tuple[list[str], int | None]:
+    select = _object(item["select"], f"{where}: select")
+    tasks = select.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise CascadeConfigError(f"{where}: select.tasks must list the validation tasks that choose the epoch.")
+    limit = select.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise CascadeConfigError(f"{where}: select.limit must be a whole number >= 1 or absent.")
+    return tasks, limit
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:

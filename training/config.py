@@ -36,7 +36,9 @@ LATEST_FILE = "latest.json"
 LOG_FILE = "log.jsonl"
 SCRATCH_FOLDER = "initial"  # a scratch run's freshly initialised upstream files
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
-TRAIN_MODES = ("lora", "all")  # upstream's LoRA recipe, or every base parameter (the demo's from-scratch stage 0)
+# upstream's LoRA recipe; every base parameter (the demo's from-scratch stage 0); or the vision tower alone on the
+# patch-grounding loss, no language model in the step (the demo's tower pre-training, standing in for EVA-CLIP's)
+TRAIN_MODES = ("lora", "all", "vision")
 # Settings that may change between a run and its resumption without making it another run.
 _NOT_IDENTITY = ("output_dir", "max_steps", "device", "num_workers", "log_every", "description")
 
@@ -109,7 +111,8 @@ class FitConfig:
     num_workers: int = 4  # threads decoding images
     log_every: int = 10
     gradient_checkpointing: bool = False  # recompute LLaMA activations in backward: less memory, slower
-    train: str = "lora"  # "lora": llama_proj + LoRA (upstream); "all": every parameter but LoRA (stage 0)
+    train: str = "lora"  # "lora": llama_proj + LoRA (upstream); "all": every parameter but LoRA (stage 0);
+    # "vision": ViT + ln_vision on the patch-grounding loss only (tower pre-training)
     grad_clip: float | None = None  # max gradient norm; upstream clips nothing
     patch_grounding: float = 0.0  # weight of stage 0's patch-level box loss (training.patch_grounding); 0 = off
     answer_value: float = 0.0  # weight of stage 0's answer-number regression (training.answer_value); 0 = off
@@ -169,8 +172,12 @@ def parse_config(data: Any, base_dir: Path, where: str = "config") -> FitConfig:
     config = FitConfig(output_dir=_path(base_dir, _text(f"{where}: 'output_dir'", data["output_dir"])),
                        model=_model_source(data["model"], base_dir, f"{where}: model"),
                        datasets=_datasets(data["datasets"], base_dir, f"{where}: datasets"), **settings)
-    if config.patch_grounding and config.train != "all":
-        raise FitConfigError(f"{where}: 'patch_grounding' trains the vision tower, so it needs \"train\": \"all\".")
+    if config.patch_grounding and config.train == "lora":
+        raise FitConfigError(f"{where}: 'patch_grounding' trains the vision tower, so it needs \"train\": \"all\" "
+                             "or \"vision\".")
+    if config.train == "vision" and (not config.patch_grounding or config.answer_value):
+        raise FitConfigError(f"{where}: \"train\": \"vision\" trains the tower on the patch-grounding loss alone: set "
+                             "'patch_grounding' > 0 and leave 'answer_value' at 0 (the language model is not run).")
     if config.iters_per_epoch % config.grad_accumulation or (config.max_steps or 0) % config.grad_accumulation:
         raise FitConfigError(f"{where}: 'iters_per_epoch' and 'max_steps' must be multiples of "
                              f"'grad_accumulation' ({config.grad_accumulation}) so that every checkpoint falls "

@@ -3,11 +3,15 @@
 Upstream's recipe (docs/upstream.md section 5.1), kept exactly unless noted:
 * trainable: llama_proj + the LoRA matrices (the ViT, ln_vision and the LLaMA stay frozen). The demo cascade's
   stage 0 (`"train": "all"`, usually from `"scratch"`) trains every parameter but LoRA instead, standing in for
-  MiniGPT-v2's own pre-training, and writes its base into each model folder (`training.base_weights`);
+  MiniGPT-v2's own pre-training, and writes its base into each model folder (`training.base_weights`); before
+  it, `"train": "vision"` trains the vision tower alone on the patch-grounding loss (the language model is not
+  run, so a step costs about half), standing in for the EVA-CLIP pre-training MiniGPT-v2's tower came with;
 * AdamW, betas (0.9, 0.999), weight decay 0.05 on matrices, 0 on biases and norms;
 * LR per iteration from `lr_at` (upstream's LinearWarmupCosineLRScheduler); an "epoch" is `iters_per_epoch`
   iterations, each one batch from ONE dataset chosen by sample ratio (`training.data`);
-* AMP on CUDA: float16 weights + autocast + GradScaler; no gradient clipping unless `grad_clip` is set;
+* AMP on CUDA: float16 weights + autocast + GradScaler; no gradient clipping unless `grad_clip` is set. Stages
+  that train base weights ("all", "vision") keep them in float32 and compute under autocast in the half dtype
+  (a bfloat16 weight cannot take AdamW's small updates);
 * gradient accumulation: the loss is divided by the number of accumulated batches (upstream summed them; the
   default of 1 makes both the same);
 * a checkpoint after every epoch and at the end: `checkpoint_{epoch}.pth` in upstream's format plus
@@ -100,9 +104,9 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
     torch.manual_seed(cfg.seed + procs.rank)  # upstream: seed + rank; LoRA dropout draws from it
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 
-    model = load_starting_model(cfg, dtype, device)
-    if cfg.train == "all":
-        _train_every_base_parameter(model)
+    model = load_starting_model(cfg, torch.float32 if cfg.train != "lora" else dtype, device)
+    model.compute_dtype = dtype  # autocast's dtype (model.autocast); the weights stay as loaded
+    _choose_trained_parameters(model, cfg.train)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model.llama_model)
     trained = _LossModule(model, cfg)
@@ -165,6 +169,9 @@ class _LossModule(nn.Module):
 
     def forward(self, pixels: torch.Tensor, instructions: list[str], answers: list[str],
                 phrases: list[str | None], inference_layout: list[bool] | None) -> torch.Tensor:
+        if self.cfg.train == "vision":  # the tower alone: its features feed only the grounding head
+            self.model.encode_images(pixels)
+            return self.cfg.patch_grounding * self.grounding(phrases, answers)
         output = self.model.training_forward(pixels, instructions, answers, inference_layout,
                                              keep_hidden=self.answer_value is not None)
         loss = output.loss
@@ -220,10 +227,14 @@ def load_starting_model(cfg: FitConfig, dtype: torch.dtype, device: torch.device
     return load_model(_starting_folder(cfg), dtype=dtype, device=device)
 
 
-def _train_every_base_parameter(model: MiniGPTv2) -> None:
-    """Stage 0: ViT, ln_vision, llama_proj and the whole LLaMA learn; LoRA stays frozen (B = 0: no effect)."""
+def _choose_trained_parameters(model: MiniGPTv2, train: str) -> None:
+    """"lora": as loaded (llama_proj + LoRA). "all": ViT, ln_vision, llama_proj and the whole LLaMA learn; LoRA
+    stays frozen (B = 0: no effect). "vision": ViT and ln_vision only."""
+    if train == "lora":
+        return
+    tower = ("visual_encoder.", "ln_vision.")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".lora_" not in name)
+        parameter.requires_grad_(".lora_" not in name and (train == "all" or name.startswith(tower)))
 
 
 def starting_image_size(cfg: FitConfig) -> int:
@@ -274,7 +285,7 @@ def save_checkpoint(cfg: FitConfig, step: int, trained: _LossModule, optimizer: 
     if procs.rank == 0:
         out = cfg.output_dir
         with staged_folder(out / record["model_dir"]) as staging:
-            base = write_trained_base(model, staging) if cfg.train == "all" else None
+            base = write_trained_base(model, staging) if cfg.train != "lora" else None
             save_model_dir(model, staging, hash_base_files=cfg.hash_base_files, base=base)
             staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         payload = {"model": upstream_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -389,11 +400,14 @@ class RunLog:
         self.pending.clear()
 
 
+_TRAINED = {"lora": "llama_proj + LoRA", "all": "every base parameter", "vision": "the vision tower alone"}
+
+
 def _describe(cfg: FitConfig, model: MiniGPTv2, data: TrainingData, device: torch.device, dtype: torch.dtype,
               procs: Processes, latest: dict[str, Any] | None) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines = [f"fit {cfg.stage or cfg.output_dir.name}: {cfg.model.kind} model, {trainable:,} trainable parameters "
-             f"({'every base parameter' if cfg.train == 'all' else 'llama_proj + LoRA'}), "
+             f"({_TRAINED[cfg.train]}), "
              f"{device} {str(dtype).replace('torch.', '')}, {procs.world_size} process(es)"]
     lines += [f"  {d.name}: {len(d)} entries, sample_ratio {d.spec.sample_ratio:g}" for d in data.datasets]
     start = f"resuming after step {latest['step']}" if latest else "starting"

@@ -39,7 +39,7 @@ def write_model_card(path: Path, config: CascadeConfig, state: dict[str, Any], m
         record = state["stages"].get(stage.name, {})
         start = stage.start if isinstance(stage.start, str) else next(iter(stage.start))
         by_epoch = sorted(record.get("scores", {}).items(), key=lambda item: int(item[0]))
-        scores = ", ".join(f"{epoch}: {score:.3f}" for epoch, score in by_epoch)
+        scores = ", ".join(f"{epoch}: {score:.3f}" for epoch, score in by_epoch) or "none (last epoch kept)"
         lines.append(f"| {stage.name} | {start} | {record.get('chosen_epoch')} | {scores} |")
     lines += ["", f"The exported model is stage `{config.final}`.", "", _data_line(config), "",
               "## Test-split numbers (STRICT protocol: every entry counts, an unreadable answer scores 0)", "",
