@@ -15,7 +15,8 @@ from backend.checkpoints import infer_vision_config, load_upstream
 from backend.config import ConfigError
 from backend.llm import QuantizationError
 from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, load_model, save_model_dir
-from backend.tiny_upstream import TinySizes, build_tiny_minigpt_checkpoint, build_tiny_upstream
+from backend.tiny_upstream import TinySizes, build_tiny_minigpt_checkpoint
+from tiny_upstream_models import build_tiny_upstream
 
 SIZES = TinySizes()
 QUESTIONS = ["[refer] give me the location of the pancreas", "[vqa] is there a tumor?"]

@@ -18,8 +18,8 @@ from backend.demo_model import DEMO_MODEL_DIR
 from backend.engine import InferenceEngine
 from backend.image import preprocess_image
 from backend.model_dir import load_model
-from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas import phantom, preprocess
+from tiny_upstream_models import build_tiny_upstream
 
 VQA = "[vqa] what organ is this?"
 

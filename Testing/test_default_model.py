@@ -20,10 +20,10 @@ import SimpleITK as sitk
 import backend
 from backend import cli, demo_model
 from backend.cli import build_parser
-from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import phantom, phantom_writers
 from small_prepared import prepare_small_msd
+from tiny_upstream_models import build_tiny_upstream
 from training import cli as training_cli
 
 pytestmark = pytest.mark.slow

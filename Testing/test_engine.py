@@ -19,8 +19,8 @@ from backend.checkpoints import load_upstream
 from backend.engine import EngineCancelled, EngineError, InferenceEngine
 from backend.image import preprocess_image
 from backend.model_dir import save_model_dir
-from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas import grammar, preprocess
+from tiny_upstream_models import build_tiny_upstream
 
 REFER = "[refer] give me the location of the pancreas"
 TUMOUR_YES_NO = "[vqa] Based on the image, respond to this question with yes or no: Is a pancreatic tumor visible?"

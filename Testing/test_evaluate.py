@@ -20,10 +20,10 @@ import backend
 from backend.engine import InferenceEngine
 from backend.cascade_sweep import TUMOUR_QUESTION
 from backend.prompts import TC_EVAL_PROMPT
-from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas.grammar import render_box
 from SlicerMiniGPTPancreas.metrics import evaluate_detection
 from small_prepared import prepare_small_msd
+from tiny_upstream_models import build_tiny_upstream
 from training.cli import main
 from training.evaluate import evaluate, run_settings
 from training.evaluate_tasks import EvaluateError

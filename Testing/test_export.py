@@ -20,8 +20,8 @@ import backend
 from backend import cli as backend_cli
 from backend import demo_model
 from backend.model_dir import MANIFEST_FILE, check_base_files, load_model, save_model_dir
-from backend.tiny_upstream import build_tiny_upstream
 from small_prepared import prepare_small_msd
+from tiny_upstream_models import build_tiny_upstream
 from training.cli import main
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,9 @@ from backend.checkpoints import load_upstream
 from backend.image import preprocess_image
 from backend.model_dir import load_model
 from backend.prompts import REFER_TEMPLATES, TC_INSTRUCTION_TEMPLATES, TC_QUESTIONS
-from backend.tiny_upstream import TinySizes, build_tiny_upstream
+from backend.tiny_upstream import TinySizes
 from small_prepared import prepare_small_msd
+from tiny_upstream_models import build_tiny_upstream
 from training.cli import main
 from training.config import FitConfigError, load_config, parse_config
 from training.data import DataError, MultiTaskSampler, TaskDataset, TrainingData, training_example

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backend.cli import main
-from backend.tiny_upstream import build_tiny_upstream
+from tiny_upstream_models import build_tiny_upstream
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from PIL import Image
 from backend import prompts
 from backend.checkpoints import load_upstream
 from backend.image import CLIP_MEAN, CLIP_STD, preprocess_image
-from backend.tiny_upstream import build_tiny_upstream
+from tiny_upstream_models import build_tiny_upstream
 
 QUESTIONS = ["[refer] give me the location of the pancreas", "[vqa] is the liver visible?",
              "[refer] where is the pancreatic tumor ?"]

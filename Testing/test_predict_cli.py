@@ -15,8 +15,8 @@ import backend
 from backend import cli
 from backend.commands.predict_outputs import write_outputs
 from backend.engine import DetectedBox, SliceResult
-from backend.tiny_upstream import build_tiny_upstream
 from SlicerMiniGPTPancreas import geometry, phantom, phantom_writers
+from tiny_upstream_models import build_tiny_upstream
 
 pytestmark = pytest.mark.slow
 

@@ -23,12 +23,12 @@ from backend.checkpoints import load_upstream
 from backend.engine import InferenceEngine
 from backend.service import ServiceLimits, create_app
 from backend.service.volumes import VolumeStore
-from backend.tiny_upstream import build_tiny_upstream
 from gated_engine import WAIT_S, Gate, GatedEngine
 from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import grammar
 from SlicerMiniGPTPancreas import protocol as p
+from tiny_upstream_models import build_tiny_upstream
 
 REFER = "[refer] give me the location of the pancreas"
 YES_NO = "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"

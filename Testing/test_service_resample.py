@@ -15,12 +15,12 @@ import pytest
 from backend.checkpoints import load_upstream
 from backend.engine import InferenceEngine
 from backend.service import create_app
-from backend.tiny_upstream import build_tiny_upstream
 from gated_engine import WAIT_S
 from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas.geometry import ModelView, nearest_axial_grid
 from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
+from tiny_upstream_models import build_tiny_upstream
 
 REFER = "[refer] give me the location of the pancreas"
 

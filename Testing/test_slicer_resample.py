@@ -26,7 +26,7 @@ def live(tmp_path_factory):
     from backend.checkpoints import load_upstream
     from backend.engine import InferenceEngine
     from backend.service import create_app
-    from backend.tiny_upstream import build_tiny_upstream
+    from tiny_upstream_models import build_tiny_upstream
 
     class RecordingEngine(InferenceEngine):
         seen: list[np.ndarray] = []

@@ -1,18 +1,17 @@
-"""Tiny random models written in the ORIGINAL upstream file formats, for tests, demos and benchmarks.
+"""Tiny random MiniGPT-v2 files in the ORIGINAL upstream formats, and the sizes of such a model (`TinySizes`).
 
 * `eva_vit_g.pth`-style raw ViT state dict (fp16 tensors like the real file, a position embedding for a
   smaller "checkpoint grid" so that loading interpolates it);
-* a LLaMA Hugging Face folder the way Llama-2-7b-chat-hf ships it (config.json in the transformers-4.3x style,
-  fp16 weights as `model.safetensors` or legacy `pytorch_model.bin` with 4.30's `rotary_emb.inv_freq`
-  buffers, tokenizer.model from `backend.tiny`);
 * a MiniGPT checkpoint `{"model": ...}` as upstream's `_save_checkpoint` writes it: llama_proj + LoRA in fp32
   with peft 0.2.0 names (or newer `.default.` names), plus the inv_freq buffers.
-Same seed, same bytes. Nothing here is loaded by the model code; it only writes files.
+The true-size benchmark (backend/bench/true_size.py) writes its files with these, and training/base_weights.py
+describes its from-scratch base with `TinySizes` / `TinyUpstreamFiles`; the tests' tiny LLaMA folder and complete
+tiny model are in Testing/tiny_upstream_models.py. Same seed, same bytes. Nothing here is loaded by the model code;
+it only writes files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,6 @@ import torch
 
 from backend.checkpoint_io import LLM_PREFIX, lora_key
 from backend.checkpoints import write_vit_sidecar
-from backend.tiny import build_tiny_sentencepiece
-from backend.tokenizer import UpstreamLlamaTokenizer
 
 
 @dataclass(frozen=True)
@@ -57,18 +54,6 @@ class TinyUpstreamFiles:
     sizes: TinySizes
 
 
-def build_tiny_upstream(out_dir: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 0,
-                        peft_names: str = "0.2.0", legacy_llama_bin: bool = True) -> TinyUpstreamFiles:
-    """Write all three upstream inputs into `out_dir` and return their paths."""
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    vit = build_tiny_vit_checkpoint(folder / "eva_vit_g.pth", sizes, seed=seed)
-    llama = build_tiny_llama_dir(folder / "llama", sizes, seed=seed + 1, legacy_bin=legacy_llama_bin)
-    minigpt = build_tiny_minigpt_checkpoint(folder / "checkpoint_stage3.pth", sizes, seed=seed + 2,
-                                            peft_names=peft_names)
-    return TinyUpstreamFiles(vit, llama, minigpt, sizes)
-
-
 def build_tiny_vit_checkpoint(path: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 0) -> Path:
     """Raw EVA ViT state dict (keys as in eva_vit_g.pth) in fp16, like the real file, and its head-count sidecar."""
     generator = torch.Generator().manual_seed(seed)
@@ -99,42 +84,6 @@ def build_tiny_vit_checkpoint(path: str | os.PathLike, sizes: TinySizes = TinySi
     return Path(path)
 
 
-def build_tiny_llama_dir(out_dir: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 1,
-                         legacy_bin: bool = True) -> Path:
-    """A LLaMA HF folder with a tiny real tokenizer; weights random (std 0.1 so that logits are not flat)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = Path(out_dir)
-    tokenizer = UpstreamLlamaTokenizer(build_tiny_sentencepiece(folder))
-    config = {  # the keys of Llama-2-7b-chat-hf's config.json (transformers 4.3x), with tiny sizes
-        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-        "hidden_size": sizes.llm_hidden, "initializer_range": 0.1, "intermediate_size": sizes.llm_intermediate,
-        "max_position_embeddings": 512, "model_type": "llama", "num_attention_heads": sizes.llm_heads,
-        "num_hidden_layers": sizes.llm_layers, "num_key_value_heads": sizes.llm_heads, "pad_token_id": 0,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-5, "rope_scaling": None, "tie_word_embeddings": False,
-        "torch_dtype": "float16", "transformers_version": "4.30.0", "use_cache": True,
-        "vocab_size": tokenizer.vocab_size,
-    }
-    model_config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
-    with torch.random.fork_rng():  # seeded without touching the caller's random state
-        torch.manual_seed(seed)
-        state = {name: tensor.half() for name, tensor in LlamaForCausalLM(model_config).state_dict().items()}
-        for name in list(state):  # RMSNorm weights start at 1; spread them so that a wrong mapping shows
-            if name.endswith("norm.weight"):
-                state[name] = (1 + 0.1 * torch.randn(state[name].shape)).half()
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if legacy_bin:
-        for layer in range(sizes.llm_layers):
-            state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = _inv_freq(sizes)
-        torch.save(state, folder / "pytorch_model.bin")
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-    return folder
-
-
 def build_tiny_minigpt_checkpoint(path: str | os.PathLike, sizes: TinySizes = TinySizes(), seed: int = 2,
                                   peft_names: str = "0.2.0", with_ln_vision: bool = False) -> Path:
     """`{"model": {...}, "epoch": 0}`: llama_proj and LoRA A/B (B non-zero, so LoRA changes the output) in fp32."""
@@ -150,7 +99,7 @@ def build_tiny_minigpt_checkpoint(path: str | os.PathLike, sizes: TinySizes = Ti
         for target in sizes.lora_targets:
             state[lora_key(layer, target, "A")] = torch.randn(r, hidden, generator=generator) * 0.1
             state[lora_key(layer, target, "B")] = torch.randn(hidden, r, generator=generator) * 0.1
-        state[f"{LLM_PREFIX}model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = _inv_freq(sizes).float()
+        state[f"{LLM_PREFIX}model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = rotary_inv_freq(sizes).float()
     if with_ln_vision:
         state["ln_vision.weight"] = 1 + torch.randn(sizes.vit_width, generator=generator) * 0.1
         state["ln_vision.bias"] = torch.randn(sizes.vit_width, generator=generator) * 0.1
@@ -161,6 +110,8 @@ def build_tiny_minigpt_checkpoint(path: str | os.PathLike, sizes: TinySizes = Ti
     return Path(path)
 
 
-def _inv_freq(sizes: TinySizes) -> torch.Tensor:
+def rotary_inv_freq(sizes: TinySizes) -> torch.Tensor:
+    """The `rotary_emb.inv_freq` buffer of one LLaMA layer, which transformers 4.30 saved with the weights (so it is
+    in upstream's checkpoints and legacy LLaMA folders; our loaders must skip it)."""
     head_dim = sizes.llm_hidden // sizes.llm_heads
     return 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
