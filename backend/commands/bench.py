@@ -17,7 +17,7 @@ from backend.commands.model_options import (ModelSourceError, add_model_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, default_batch_size="auto")
+    add_model_arguments(parser)
     parser.add_argument("--slices", type=int, default=32, metavar="N", help="slices of the synthetic CT (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="per answer (default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -40,10 +40,10 @@ def batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number") from None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser,
-                        default_batch_size: int | str = 8) -> argparse._MutuallyExclusiveGroup:
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """Add the model options; returns the group of --model / --upstream, for a command's other exclusive sources.
-    default_batch_size: 8 (upstream's evaluation batch), or "auto" for a command that measures the engine."""
+    --batch-size defaults to auto (sized to memory, `backend.batching.auto_batch_size`: 64 slices for the demo
+    model on a CPU); answers do not depend on the batch size, only speed and memory do."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, metavar="DIR",
                         help="a model folder (import-upstream, training export, fit's model_epoch_N); default: the "
@@ -58,8 +58,8 @@ def add_model_arguments(parser: argparse.ArgumentParser,
                         help="weights precision (default auto: float32 on the CPU, bfloat16 or float16 on a GPU)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                         help="load the LLaMA weights in 8 or 4 bits (CUDA + bitsandbytes)")
-    parser.add_argument("--batch-size", type=batch_size, default=default_batch_size, metavar="N",
-                        help=f"slices per model call, or auto: sized to memory (default {default_batch_size})")
+    parser.add_argument("--batch-size", type=batch_size, default="auto", metavar="N",
+                        help="slices per model call, or auto: sized to memory (default auto)")
     return source
 
 
