@@ -16,11 +16,14 @@ Run from the repository root: nice -n 15 .venv/bin/python Testing/bench_module_o
 Figures, ms over the server's time (30 questions per run; 2 CPU cores shared with a training run at nice 0 and other
 test suites, load average 3 to 6; runs alternated; before = commit 3f4a824: a new client and connection on every
 Apply, a 20 ms timer; after: the client kept while the settings are unchanged, a 5 ms timer):
-  nice 15   before  total median 41.1 / 38.4, max 395.0 / 302.6; drain median 6.1 / 13.3, max 23.4 / 26.2
-            after   total median 33.4 / 39.7, max 390.8 / 200.2; drain median  2.8 /  2.7, max 44.4 / 15.4
+  nice 15   before  total median 41.1 / 38.4 / 31.4, max 395.0 / 302.6 /  89.9; drain median 6.1 / 13.3 / 14.5
+            after   total median 33.4 / 39.7 / 22.8, max 390.8 / 200.2 / 158.7; drain median 2.8 /  2.7 /  2.1
   nice 0    before  total median 48.8, max 174.0;  after  total median 40.3, max 106.8
-The rest is `http`, and most of that is waiting for a CPU: the same client call on a quieter moment costs 9-15 ms,
-of which the server's HTTP handling (body, JSON, thread hand-overs) is about 5 ms.
+The drain went from up to 26 ms to up to 15 ms (one stall of 44). The kept connection saves about 1 ms (30
+alternated pairs: http median 13.3 kept, 14.5 new). The rest is `http`, and its tails are waiting for a CPU: the
+same call costs 9-15 ms at quieter moments, about 5 ms of it the server's HTTP handling (body, JSON, thread
+hand-overs). Parsing the body on the server's event loop instead of in its thread pool gave http median 19.6
+against 26.7 in one alternated run of 20, tails unchanged (a server change, not made here).
 """
 
 from __future__ import annotations
