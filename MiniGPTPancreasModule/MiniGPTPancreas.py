@@ -77,6 +77,7 @@ class MiniGPTPancreasParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     prompt: str = ""
     sweep: bool = False
+    resampleTilted: bool = False  # MiniGPTPancreasLogic.resample_tilted
     firstSlice: Annotated[int, Minimum(0)] = 0
     lastSlice: Annotated[int, Minimum(0)] = 0
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
@@ -118,6 +119,8 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
                 ("lastFromCurrentButton", "clicked(bool)", lambda: self._setRangeFromCurrent("lastSlice")),
                 ("applyButton", "clicked(bool)", self.onApplyButton),
                 ("thresholdSlider", "valueChanged(double)", self.onThresholdChanged),
+                ("resampleTiltedCheckBox", "toggled(bool)",  # the sweep's grid, and so its slice count, changes
+                 lambda: self.onVolumeChanged(self.ui.inputVolumeSelector.currentNode())),
                 ("startServerButton", "clicked(bool)", self.onStartServer),
                 ("stopServerButton", "clicked(bool)", self._stopLocalServer),
                 ("testConnectionButton", "clicked(bool)", self.onConnect),
@@ -192,7 +195,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         self.ui.applyButton.enabled = busy or volume is not None
         sweep = bool(self._parameterNode and self._parameterNode.sweep)
         for widget in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox, self.ui.wholeVolumeButton,
-                       self.ui.firstFromCurrentButton, self.ui.lastFromCurrentButton):
+                       self.ui.firstFromCurrentButton, self.ui.lastFromCurrentButton, self.ui.resampleTiltedCheckBox):
             widget.enabled = sweep
         for widget in (self.ui.testConnectionButton, self.ui.startServerButton, self.ui.chatAskButton):
             widget.enabled = not busy
@@ -202,9 +205,10 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
                                          and self.ui.truthSelector.currentNode() is not None)
 
     def onVolumeChanged(self, volumeNode):
+        self.logic.resample_tilted = self.ui.resampleTiltedCheckBox.checked  # the range is on the grid swept
         try:
-            slices = model_view_geometry(volumeNode).shape[0] if volumeNode else 1
-        except UserError:  # no voxels, oblique...: Apply will say why
+            slices = self.logic.sweep_geometry(volumeNode).shape[0] if volumeNode else 1
+        except UserError:  # no voxels, tilted without resampling...: Apply will say why
             slices = 1
         for spinBox in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox):
             spinBox.maximum = slices - 1
@@ -267,6 +271,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
                     _("Asking about slice {index}...").format(index=request.slice_index), dropWhenCancelled=True)
 
     def _startSweep(self, volume, prompt):
+        self.logic.resample_tilted = self._parameterNode.resampleTilted
         request = self.logic.prepare_sweep(volume, (self._parameterNode.firstSlice, self._parameterNode.lastSlice))
 
         def work(report, cancelled):
@@ -277,7 +282,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
                 run = self.logic.add_sweep_boxes(request, outcome, prompt, slicer.mrmlScene, volume,
                                                  self._parameterNode.threshold)
             self._showRun(run, describe_sweep(
-                outcome.state, outcome.done, outcome.total, outcome.responses, outcome.message))
+                outcome.state, outcome.done, outcome.total, outcome.responses, outcome.message, request.resampled))
 
         self._start(work, finished, _("Uploading slices {first} to {last}...").format(
             first=request.first_slice, last=request.last_slice))
@@ -291,14 +296,14 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
 
     def onResultClicked(self, index):
         """Jump the slice views to the slice of the clicked row (its first column)."""
-        volume = self.logic.last_run.volume_node if self.logic.last_run else None
+        last = self.logic.last_run
         text = self.ui.resultsTableView.model().data(self.ui.resultsTableView.model().index(index.row(), 0))
         try:
             sliceIndex = int(float(text))
         except (TypeError, ValueError):  # a header row
             return
-        if volume is not None:
-            center = slice_center_ras(model_view_geometry(volume), sliceIndex)
+        if last is not None:
+            center = slice_center_ras(last.geometry, sliceIndex)
             slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *center)
 
     def onExport(self):

@@ -156,6 +156,16 @@ def test_parameter_bindings_match_the_parameter_node_and_the_prompt_is_not_bound
     assert panel.findChild(QtWidgets.QLineEdit, "promptLineEdit").property("SlicerParameterName") is None
 
 
+def test_the_resample_check_box_is_bound_passed_to_the_logic_and_labelled_as_the_refusal_says(panel):
+    from MiniGPTPancreasLib.logic import RESAMPLE_CHECKBOX_TEXT
+
+    box = panel.findChild(QtWidgets.QCheckBox, "resampleTiltedCheckBox")
+    assert box is not None and box.property("SlicerParameterName") == "resampleTilted"
+    assert box.text() == RESAMPLE_CHECKBOX_TEXT  # the refusal of a tilted volume tells the user to check it
+    assert "nearest axial grid" in box.toolTip() and "resampled grid" in box.toolTip()
+    assert "self.logic.resample_tilted = self._parameterNode.resampleTilted" in WIDGET_SOURCE  # before a sweep
+
+
 def core_modules_imported_by(path: Path) -> set[str]:
     """Modules of SlicerMiniGPTPancreas that `path` imports (absolute or, inside the core, relative)."""
     found = set()

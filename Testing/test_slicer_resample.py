@@ -14,7 +14,8 @@ from slicer_fixtures import REFER, WAIT_S
 from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
 
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
-from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
+from MiniGPTPancreasLib.logic import RESAMPLE_CHECKBOX_TEXT, MiniGPTPancreasLogic
+from MiniGPTPancreasLib.summaries import describe_sweep
 from MiniGPTPancreasLib.volume_geometry import add_volume_node
 from SlicerMiniGPTPancreas.geometry import ModelView, ObliqueVolumeError, nearest_axial_grid
 
@@ -49,13 +50,25 @@ def test_a_tilted_volume_is_refused_unless_the_server_may_resample_it(live, scen
     node = add_volume_node(scene, hu, matrix, "tilted CT")
     logic = MiniGPTPancreasLogic(poll_interval_s=0.02)
     logic.set_server(live.url, read_timeout=WAIT_S)
-    with pytest.raises(ObliqueVolumeError, match=r"0\.50 degrees.*resample_tilted"):
-        logic.prepare_sweep(node)
+    refusal = rf"0\.50 degrees.*check '{RESAMPLE_CHECKBOX_TEXT}'.*resample_tilted"  # the panel's label, the option
+    for refused in (logic.prepare_sweep, logic.sweep_geometry):  # Apply, and the panel's slice range
+        with pytest.raises(ObliqueVolumeError, match=refusal):
+            refused(node)
 
     logic.resample_tilted = True
-    outcome = logic.sweep_volume(node, REFER, slice_range=(8, 16), scene=scene)
-    assert outcome.state == "done" and sorted(outcome.responses) == list(range(8, 17))
     grid = ModelView.from_volume(np.zeros(hu.shape, np.int16), nearest_axial_grid(matrix, hu.shape))
+    assert logic.sweep_geometry(node).shape == grid.shape  # the panel's range spans the resampled slices
+    request = logic.prepare_sweep(node, (8, 16))
+    assert request.resampled
+    outcome = logic.run_sweep(request, REFER)
+    run = logic.add_sweep_boxes(request, outcome, REFER, scene, node)
+    assert outcome.state == "done" and sorted(outcome.responses) == list(range(8, 17))
+    status = describe_sweep(outcome.state, outcome.done, outcome.total, outcome.responses, outcome.message,
+                            request.resampled)
+    assert status.startswith("Boxes on ") and "resampled the tilted volume onto the nearest axial grid" in status
+    assert run.rois and all(made.GetAttribute("MiniGPTPancreas.resampled") == "nearest axial grid"
+                            for made in (*run.rois, scene.GetFirstNodeByName(f"{run.title} results")))
+    np.testing.assert_allclose(logic.last_run.geometry.model_to_ras_matrix, grid.model_to_ras_matrix)
     seen = np.zeros((grid.shape[0],) + live.engine.seen[0].shape, np.int16)
     seen[8:17] = live.engine.seen[-9:]  # the resampled slices 8..16, in order
     assert_block_boxes_cover_the_block(seen, grid)

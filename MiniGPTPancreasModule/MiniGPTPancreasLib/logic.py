@@ -35,9 +35,11 @@ from .ground_truth import (SliceComparison, compare_boxes, mean_iou, truth_boxes
 from .local_server import LocalServer
 from .prompts import PromptPreset, box_label_for_prompt, presets_from_info
 from .results import ExportError, export_run, provenance, write_results_table
-from .volume_geometry import model_view, model_view_geometry, to_int16_hu, volume_array_and_matrix
+from .volume_geometry import (model_view, model_view_geometry, to_int16_hu, volume_array_and_matrix,
+                              world_ijk_to_ras)
 
 DEFAULT_POLL_INTERVAL_S = 0.5
+RESAMPLE_CHECKBOX_TEXT = "Resample tilted volumes to axial"  # the panel's check box that sets resample_tilted
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,9 +69,14 @@ class SweepRequest:
     scan_ijk_to_ras: np.ndarray | None = None
 
     @property
+    def resampled(self) -> bool:
+        """The server resamples the volume: slices and boxes are on its nearest axial grid, not the stored one."""
+        return self.scan_ijk_to_ras is not None
+
+    @property
     def uploaded_first_slice(self) -> int:
         """The model-view slice that is slice 0 of the uploaded volume."""
-        return 0 if self.scan_ijk_to_ras is not None else self.first_slice
+        return 0 if self.resampled else self.first_slice
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class LastRun:
     run: RoiRun
     responses: dict[int, p.QueryResponse]
     volume_node: Any
+    geometry: ModelView  # the grid its slices are on (a resampled sweep's is not the volume's own)
     threshold: float = 0.0  # its boxes below it are hidden
 
 
@@ -244,22 +252,33 @@ class MiniGPTPancreasLogic:
 
     # --- a range of slices ---------------------------------------------------------------------------------------
 
-    def prepare_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None = None) -> SweepRequest:
-        """Main thread: copy model-view slices first..last (inclusive; None = all) as int16 HU; a tilted volume whole,
-        for the server to resample, with `resample_tilted`."""
+    def sweep_geometry(self, volume_node: Any) -> ModelView:
+        """The model view a sweep of the node is on (no voxels): the node's own or, for a tilted volume with
+        `resample_tilted`, the nearest axial grid the server resamples onto; else the refusal naming the option."""
         try:
-            view = model_view(volume_node)
+            return model_view_geometry(volume_node)
         except ObliqueVolumeError as error:
             if not self.resample_tilted:
-                raise ObliqueVolumeError(f"{error} Or let the server resample it (the logic's resample_tilted "
-                                         "option).") from error
-            return self._prepare_tilted_sweep(volume_node, slice_range)
+                raise ObliqueVolumeError(f"{error} Or let the server resample it: check '{RESAMPLE_CHECKBOX_TEXT}' "
+                                         "(the logic's resample_tilted option).") from error
+            shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))  # [K, J, I]
+            grid = nearest_axial_grid(world_ijk_to_ras(volume_node), shape)
+            return ModelView.from_volume(np.broadcast_to(np.zeros((), np.int16), shape), grid)
+
+    def prepare_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None = None) -> SweepRequest:
+        """Main thread: copy model-view slices first..last (inclusive; None = all) of sweep_geometry as int16 HU; a
+        tilted volume whole, for the server to resample, with `resample_tilted`."""
+        geometry = self.sweep_geometry(volume_node)
+        try:
+            view = model_view(volume_node)
+        except ObliqueVolumeError:  # sweep_geometry let it through: resample_tilted is on
+            return self._prepare_tilted_sweep(volume_node, geometry, slice_range)
         first, last = _checked_range(slice_range, view.shape[0])
         check_volume_bytes((last - first + 1,) + view.shape[1:], "the slice range")
         image = volume_node.GetImageData()
         key = (volume_node.GetID(), image.GetMTime(), view.ijk_to_ras.tobytes(), first, last)
-        return SweepRequest(volume_node.GetName(), model_view_geometry(volume_node), first, last,
-                            to_int16_hu(view.array[first:last + 1]), view.spacing, key)
+        return SweepRequest(volume_node.GetName(), geometry, first, last, to_int16_hu(view.array[first:last + 1]),
+                            view.spacing, key)
 
     def run_sweep(self, request: SweepRequest, prompt: str,
                   progress_callback: Callable[[int, int], None] | None = None,
@@ -296,10 +315,12 @@ class MiniGPTPancreasLogic:
     def add_sweep_boxes(self, request: SweepRequest, outcome: SweepOutcome, prompt: str, scene: Any,
                         volume_node: Any = None, threshold: float = 0.0) -> RoiRun:
         """Main thread: one ROI per box of every answered slice, the results table and the fused 3D ROI (around
-        the largest run of consecutive slices with a box at or above `threshold`), under a new run folder."""
+        the largest run of consecutive slices with a box at or above `threshold`), under a new run folder. A
+        resampled sweep's nodes say so (attribute MiniGPTPancreas.resampled)."""
         model_ids = {response.model_id for response in outcome.responses.values()}
+        extra = {"resampled": "nearest axial grid"} if request.resampled else None
         run = self._record_run(request.geometry, outcome.responses, prompt, ", ".join(sorted(model_ids)), scene,
-                               volume_node)
+                               volume_node, extra)
         run.fused = self.set_threshold(scene, run, threshold)
         return run
 
@@ -380,14 +401,14 @@ class MiniGPTPancreasLogic:
         sh_node = subject_hierarchy(scene)
         if sh_node is not None and run.folder_item:
             move_under(sh_node, table, run.folder_item)
-        self.last_run = LastRun(run, dict(responses), volume_node)
+        self.last_run = LastRun(run, dict(responses), volume_node, geometry)
         return run
 
-    def _prepare_tilted_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None) -> SweepRequest:
+    @staticmethod
+    def _prepare_tilted_sweep(volume_node: Any, geometry: ModelView,
+                              slice_range: tuple[int, int] | None) -> SweepRequest:
         array_kji, matrix = volume_array_and_matrix(volume_node)
         check_volume_bytes(array_kji.shape, "the volume")
-        grid = nearest_axial_grid(matrix, array_kji.shape)  # what the server resamples onto
-        geometry = ModelView.from_volume(np.broadcast_to(np.zeros((), np.int16), array_kji.shape), grid)
         first, last = _checked_range(slice_range, geometry.shape[0])
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), matrix.tobytes(), "resampled")
         return SweepRequest(volume_node.GetName(), geometry, first, last, to_int16_hu(array_kji), geometry.spacing,

@@ -42,8 +42,16 @@ def describe_response(response: p.QueryResponse, slice_index: int) -> str:
 
 
 def describe_sweep(state: str, done: int, total: int, responses: Mapping[int, p.QueryResponse],
-                   message: str | None = None) -> str:
-    """'Boxes on 12 of 40 slices.' / 'Yes on 3 of 40 slices (highest P(yes) 0.91 on slice 42).' plus the state."""
+                   message: str | None = None, resampled: bool = False) -> str:
+    """'Boxes on 12 of 40 slices.' / 'Yes on 3 of 40 slices (highest P(yes) 0.91 on slice 42).' plus the state, and
+    for a tilted volume the server resampled, that its slices and boxes are on the resampled grid."""
+    grid = (" The server resampled the tilted volume onto the nearest axial grid: slices and boxes are on that grid."
+            if resampled else "")
+    return _describe_answers(state, done, total, responses, message) + grid
+
+
+def _describe_answers(state: str, done: int, total: int, responses: Mapping[int, p.QueryResponse],
+                      message: str | None) -> str:
     yes_no = {s: r for s, r in responses.items() if r.kind == "yes_no"}
     if yes_no:
         yes_slices = [s for s, r in yes_no.items() if r.yes]
