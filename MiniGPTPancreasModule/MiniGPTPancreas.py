@@ -27,16 +27,15 @@ _CHECKOUT_DIR = os.path.dirname(_MODULE_DIR)
 if not os.path.isdir(os.path.join(_MODULE_DIR, "SlicerMiniGPTPancreas")) and _CHECKOUT_DIR not in sys.path:
     sys.path.append(_CHECKOUT_DIR)  # run from a source checkout: the core package sits at the repository top level
 
-from MiniGPTPancreasLib.ground_truth import truth_choices  # noqa: E402
 # MiniGPTPancreasLogic lives in the Lib so that it imports without the GUI; this module re-exports it.
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic  # noqa: E402
 from MiniGPTPancreasLib.results import results_table  # noqa: E402
 from MiniGPTPancreasLib.summaries import describe_response, describe_sweep  # noqa: E402
-from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_volume, model_view_geometry,  # noqa: E402
-                                                slice_center_ras)
+from MiniGPTPancreasLib.volume_geometry import current_model_slice, first_ct_volume, slice_center_ras  # noqa: E402
 from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
 from MiniGPTPancreasGui.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
 from MiniGPTPancreasGui.server_section import ServerSection  # noqa: E402
+from MiniGPTPancreasGui.truth_section import TruthSection  # noqa: E402
 from SlicerMiniGPTPancreas.client import ServerNotRunningError  # noqa: E402
 from SlicerMiniGPTPancreas.errors import UserError  # noqa: E402
 
@@ -83,7 +82,7 @@ class MiniGPTPancreasParameterNode:
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
 
 
-class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, ServerSection):
+class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, ServerSection, TruthSection):
     """The panel: network calls run in a TaskRunner; a timer hands their results back to this (GUI) thread."""
 
     def __init__(self, parent=None):
@@ -376,31 +375,3 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         logging.error(details)
         slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=error), windowTitle=_("MiniGPT-Pancreas"),
                                  detailedText=details)
-
-    # --- ground truth -------------------------------------------------------------------------------------------
-
-    def onTruthChanged(self, truthNode):
-        self._truthChoices = truth_choices(truthNode)
-        self.ui.truthPartComboBox.clear()
-        for title, _selection in self._truthChoices:
-            self.ui.truthPartComboBox.addItem(title)
-        self._updateButtons()
-
-    def onCompare(self):
-        try:
-            _title, selection = self._truthChoices[self.ui.truthPartComboBox.currentIndex]
-            with slicer.util.RenderBlocker():
-                comparison = self.logic.compare_last_run(self.ui.truthSelector.currentNode(), **selection)
-        except Exception as error:  # noqa: BLE001
-            self._reportError(error)
-            return
-        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetActiveTableID(comparison.table_node.GetID())
-        selection.SetActivePlotChartID(comparison.plot_chart_node.GetID())
-        slicer.app.applicationLogic().PropagateTableSelection()
-        slicer.app.applicationLogic().PropagatePlotChartSelection()
-        mean = "n/a" if comparison.mean_iou is None else f"{comparison.mean_iou:.3f}"
-        self.ui.statusLabel.text = _("Mean IoU {mean} over {count} slices, boxes >= {threshold:.2f}; truth boxes in "
-                                     "green.").format(mean=mean, count=len(comparison.rows),
-                                                      threshold=comparison.threshold)

@@ -157,7 +157,7 @@ def test_parameter_bindings_match_the_parameter_node_and_the_prompt_is_not_bound
 
 
 def test_the_resample_check_box_is_bound_passed_to_the_logic_and_labelled_as_the_refusal_says(panel):
-    from MiniGPTPancreasLib.logic import RESAMPLE_CHECKBOX_TEXT
+    from MiniGPTPancreasLib.volume_requests import RESAMPLE_CHECKBOX_TEXT
 
     box = panel.findChild(QtWidgets.QCheckBox, "resampleTiltedCheckBox")
     assert box is not None and box.property("SlicerParameterName") == "resampleTilted"

@@ -14,9 +14,10 @@ from slicer_fixtures import REFER, WAIT_S
 from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
 
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
-from MiniGPTPancreasLib.logic import RESAMPLE_CHECKBOX_TEXT, MiniGPTPancreasLogic
+from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
 from MiniGPTPancreasLib.summaries import describe_sweep
 from MiniGPTPancreasLib.volume_geometry import add_volume_node
+from MiniGPTPancreasLib.volume_requests import RESAMPLE_CHECKBOX_TEXT
 from SlicerMiniGPTPancreas.geometry import ModelView, ObliqueVolumeError, nearest_axial_grid
 
 

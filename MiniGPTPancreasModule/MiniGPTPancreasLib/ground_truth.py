@@ -24,7 +24,8 @@ from SlicerMiniGPTPancreas.errors import UserError
 from SlicerMiniGPTPancreas.geometry import Box, ModelView
 from SlicerMiniGPTPancreas.metrics import box_iou
 
-from .volume_geometry import volume_array_and_matrix, world_ijk_to_ras
+from .boxes_to_markups import GREEN, PlacedBox, RoiRun, add_box_rois
+from .volume_geometry import model_view_geometry, volume_array_and_matrix, world_ijk_to_ras
 
 GRID_TOLERANCE_MM = 1e-3
 COLUMNS = ("slice", "predicted box", "truth box", "IoU")
@@ -42,6 +43,16 @@ class SliceComparison:
     predicted: Box | None
     truth: Box | None
     iou: float | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[SliceComparison]
+    mean_iou: float | None
+    table_node: Any
+    plot_chart_node: Any = None
+    truth_run: RoiRun | None = None  # the truth boxes, drawn in green
+    threshold: float | None = None  # only boxes at or above it were compared (None: every box given)
 
 
 def truth_mask(truth_node: Any, volume_node: Any, *, label_values: Sequence[int] | None = None,
@@ -177,6 +188,26 @@ def write_iou_plot(scene: Any, rows: Sequence[SliceComparison], name: str) -> An
     chart.SetYAxisRange(0.0, 1.0)
     chart.SetLegendVisibility(False)
     return chart
+
+
+def compare_with_truth(scene: Any, volume_node: Any, truth_node: Any, predictions: Mapping[int, Sequence[Box]], *,
+                       label_values: Sequence[int] | None = None, segment_ids: Sequence[str] | None = None,
+                       table_name: str | None = None, threshold: float | None = None) -> Comparison:
+    """IoU per predicted slice against the truth's boxes: a table node, an IoU-by-slice plot chart node and the
+    truth boxes of those slices as green ROIs in `scene` (main thread). `threshold`: the confidence the predictions
+    were kept at, named in the table and the plot."""
+    mask = truth_mask(truth_node, volume_node, label_values=label_values, segment_ids=segment_ids)
+    _, matrix = volume_array_and_matrix(volume_node)
+    rows = compare_boxes(predictions, truth_boxes(mask, matrix))
+    kept = "" if threshold is None else f", boxes >= {threshold:.2f}"
+    name = table_name or f"MiniGPT-Pancreas IoU vs {truth_node.GetName()}{kept}"
+    table = write_comparison_table(scene, rows, name, kept)
+    chart = write_iou_plot(scene, rows, f"{name}: IoU by slice")
+    shown = {row.slice_index: row.truth for row in rows if row.truth is not None}
+    truth_run = add_box_rois(scene, model_view_geometry(volume_node),
+                             [PlacedBox(s, box) for s, box in sorted(shown.items())],
+                             label=f"ground truth ({truth_node.GetName()})", volume_node=volume_node, color=GREEN)
+    return Comparison(rows, mean_iou(rows), table, chart, truth_run, threshold)
 
 
 def _append_row(table: vtk.vtkTable, *values: Any) -> None:

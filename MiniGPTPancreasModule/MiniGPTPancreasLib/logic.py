@@ -1,8 +1,9 @@
 """MiniGPTPancreasLogic: the module's logic, usable without the GUI (Python console, scripts, tests).
 
 Every operation comes in steps so that a GUI can keep MRML on its main thread and the network off it:
-`prepare_*` reads the volume node (main thread) into a self-contained request, `query_slice` / `run_sweep` /
-`chat` talk to the server (blocking: any thread), `add_*_boxes` creates the nodes of a run (main thread).
+`prepare_*` reads the volume node (main thread) into a self-contained request (volume_requests), `query_slice` /
+`run_sweep` / `chat` talk to the server (blocking: any thread), `add_*_boxes` creates the nodes of a run (main
+thread).
 `analyze_slice` and `sweep_volume` chain the steps synchronously for scripts.
 
     logic = MiniGPTPancreasLogic()
@@ -18,65 +19,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.client import (DEFAULT_URL, MiniGPTPancreasClient, ResourceNotFoundError,
                                           normalize_base_url)
-from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView, ObliqueVolumeError, nearest_axial_grid
-from SlicerMiniGPTPancreas.wire_arrays import check_volume_bytes
+from SlicerMiniGPTPancreas.geometry import Box, GeometryError, ModelView
 
-from .boxes_to_markups import (GREEN, PlacedBox, RoiRun, add_box_rois, module_node, move_under,
-                               subject_hierarchy)
+from .boxes_to_markups import PlacedBox, RoiRun, add_box_rois, module_node, move_under, subject_hierarchy
 from .chat import ChatSession
 from .fusion import apply_threshold, shown_at
-from .ground_truth import (SliceComparison, compare_boxes, mean_iou, truth_boxes, truth_mask, write_comparison_table,
-                           write_iou_plot)
+from .ground_truth import Comparison, compare_with_truth
 from .local_server import LocalServer
 from .prompts import PromptPreset, box_label_for_prompt, presets_from_info
 from .results import ExportError, export_run, provenance, write_results_table
-from .volume_geometry import (model_view, model_view_geometry, to_int16_hu, volume_array_and_matrix,
-                              world_ijk_to_ras)
+from .volume_requests import SliceRequest, SweepRequest, slice_request, sweep_geometry, sweep_request
 
 DEFAULT_POLL_INTERVAL_S = 0.5
-RESAMPLE_CHECKBOX_TEXT = "Resample tilted volumes to axial"  # the panel's check box that sets resample_tilted
-
-
-@dataclass(frozen=True, eq=False)
-class SliceRequest:
-    """One model-view slice read from a volume node, ready to send from any thread."""
-
-    volume_name: str
-    geometry: ModelView  # world geometry of the whole volume, without voxels
-    slice_index: int
-    slice_hu: np.ndarray  # [R, C] int16 copy
-    pixel_spacing_mm: tuple[float, float]  # (col, row)
-
-
-@dataclass(frozen=True, eq=False)
-class SweepRequest:
-    """Model-view slices first..last (inclusive) of a volume node, ready to upload from any thread."""
-
-    volume_name: str
-    geometry: ModelView
-    first_slice: int
-    last_slice: int
-    volume_hu: np.ndarray  # [last - first + 1, R, C] int16 copy
-    spacing_mm: tuple[float, float, float]  # (col, row, slice)
-    upload_key: tuple  # identifies these voxels: the same key reuses the server's copy
-    # A tilted volume with resample_tilted: volume_hu is then the whole volume as stored [K, J, I], uploaded with
-    # this ijk_to_ras for the server to resample onto the nearest axial grid, which `geometry` describes.
-    scan_ijk_to_ras: np.ndarray | None = None
-
-    @property
-    def resampled(self) -> bool:
-        """The server resamples the volume: slices and boxes are on its nearest axial grid, not the stored one."""
-        return self.scan_ijk_to_ras is not None
-
-    @property
-    def uploaded_first_slice(self) -> int:
-        """The model-view slice that is slice 0 of the uploaded volume."""
-        return 0 if self.resampled else self.first_slice
 
 
 @dataclass(frozen=True)
@@ -92,16 +49,6 @@ class SweepOutcome:
     @property
     def predictions(self) -> dict[int, list[Box]]:
         return predictions_of(self.responses)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    rows: list[SliceComparison]
-    mean_iou: float | None
-    table_node: Any
-    plot_chart_node: Any = None
-    truth_run: RoiRun | None = None  # the truth boxes, drawn in green
-    threshold: float | None = None  # only boxes at or above it were compared (None: every box given)
 
 
 @dataclass(frozen=True)
@@ -204,10 +151,7 @@ class MiniGPTPancreasLogic:
 
     def prepare_slice(self, volume_node: Any, model_view_slice: int) -> SliceRequest:
         """Main thread: copy model-view slice `model_view_slice` of the volume as int16 HU."""
-        view = model_view(volume_node)
-        slice_hu = to_int16_hu(view.slice(model_view_slice))  # GeometryError for a slice outside the volume
-        return SliceRequest(volume_node.GetName(), model_view_geometry(volume_node), int(model_view_slice), slice_hu,
-                            view.spacing[:2])
+        return slice_request(volume_node, model_view_slice)
 
     def query_slice(self, request: SliceRequest, prompt: str,
                     options: p.AnswerOptions | None = None) -> p.QueryResponse:
@@ -253,32 +197,14 @@ class MiniGPTPancreasLogic:
     # --- a range of slices ---------------------------------------------------------------------------------------
 
     def sweep_geometry(self, volume_node: Any) -> ModelView:
-        """The model view a sweep of the node is on (no voxels): the node's own or, for a tilted volume with
-        `resample_tilted`, the nearest axial grid the server resamples onto; else the refusal naming the option."""
-        try:
-            return model_view_geometry(volume_node)
-        except ObliqueVolumeError as error:
-            if not self.resample_tilted:
-                raise ObliqueVolumeError(f"{error} Or let the server resample it: check '{RESAMPLE_CHECKBOX_TEXT}' "
-                                         "(the logic's resample_tilted option).") from error
-            shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))  # [K, J, I]
-            grid = nearest_axial_grid(world_ijk_to_ras(volume_node), shape)
-            return ModelView.from_volume(np.broadcast_to(np.zeros((), np.int16), shape), grid)
+        """The model view a sweep of the node is on: the node's own, the nearest axial grid for a tilted volume with
+        `resample_tilted`, else the ObliqueVolumeError naming the option (volume_requests.sweep_geometry)."""
+        return sweep_geometry(volume_node, self.resample_tilted)
 
     def prepare_sweep(self, volume_node: Any, slice_range: tuple[int, int] | None = None) -> SweepRequest:
         """Main thread: copy model-view slices first..last (inclusive; None = all) of sweep_geometry as int16 HU; a
         tilted volume whole, for the server to resample, with `resample_tilted`."""
-        geometry = self.sweep_geometry(volume_node)
-        try:
-            view = model_view(volume_node)
-        except ObliqueVolumeError:  # sweep_geometry let it through: resample_tilted is on
-            return self._prepare_tilted_sweep(volume_node, geometry, slice_range)
-        first, last = _checked_range(slice_range, view.shape[0])
-        check_volume_bytes((last - first + 1,) + view.shape[1:], "the slice range")
-        image = volume_node.GetImageData()
-        key = (volume_node.GetID(), image.GetMTime(), view.ijk_to_ras.tobytes(), first, last)
-        return SweepRequest(volume_node.GetName(), geometry, first, last, to_int16_hu(view.array[first:last + 1]),
-                            view.spacing, key)
+        return sweep_request(volume_node, slice_range, self.resample_tilted)
 
     def run_sweep(self, request: SweepRequest, prompt: str,
                   progress_callback: Callable[[int, int], None] | None = None,
@@ -349,23 +275,11 @@ class MiniGPTPancreasLogic:
                                   *, label_values: Sequence[int] | None = None,
                                   segment_ids: Sequence[str] | None = None, table_name: str | None = None,
                                   scene: Any = None, threshold: float | None = None) -> Comparison:
-        """IoU per predicted slice against the truth's boxes: a table node, an IoU-by-slice plot chart node and
-        the truth boxes of those slices as green ROIs (main thread). `threshold`: the confidence the predictions
-        were kept at, named in the table and the plot."""
-        scene = scene or volume_node.GetScene()
-        mask = truth_mask(truth_node, volume_node, label_values=label_values, segment_ids=segment_ids)
-        _, matrix = volume_array_and_matrix(volume_node)
-        truths = truth_boxes(mask, matrix)
-        rows = compare_boxes(predictions, truths)
-        kept = "" if threshold is None else f", boxes >= {threshold:.2f}"
-        name = table_name or f"MiniGPT-Pancreas IoU vs {truth_node.GetName()}{kept}"
-        table = write_comparison_table(scene, rows, name, kept)
-        chart = write_iou_plot(scene, rows, f"{name}: IoU by slice")
-        shown = {row.slice_index: row.truth for row in rows if row.truth is not None}
-        truth_run = add_box_rois(scene, model_view_geometry(volume_node),
-                                 [PlacedBox(s, box) for s, box in sorted(shown.items())],
-                                 label=f"ground truth ({truth_node.GetName()})", volume_node=volume_node, color=GREEN)
-        return Comparison(rows, mean_iou(rows), table, chart, truth_run, threshold)
+        """compare_with_truth in `scene` (default: the volume's): IoU table, IoU plot and the truth boxes in green
+        (main thread). `threshold`: the confidence the predictions were kept at, named in the table and the plot."""
+        return compare_with_truth(scene or volume_node.GetScene(), volume_node, truth_node, predictions,
+                                  label_values=label_values, segment_ids=segment_ids, table_name=table_name,
+                                  threshold=threshold)
 
     def compare_last_run(self, truth_node: Any, **selection: Any) -> Comparison:
         """compare_with_ground_truth for the last run's boxes shown (at or above its threshold); ValueError saying
@@ -404,16 +318,6 @@ class MiniGPTPancreasLogic:
         self.last_run = LastRun(run, dict(responses), volume_node, geometry)
         return run
 
-    @staticmethod
-    def _prepare_tilted_sweep(volume_node: Any, geometry: ModelView,
-                              slice_range: tuple[int, int] | None) -> SweepRequest:
-        array_kji, matrix = volume_array_and_matrix(volume_node)
-        check_volume_bytes(array_kji.shape, "the volume")
-        first, last = _checked_range(slice_range, geometry.shape[0])
-        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), matrix.tobytes(), "resampled")
-        return SweepRequest(volume_node.GetName(), geometry, first, last, to_int16_hu(array_kji), geometry.spacing,
-                            key, scan_ijk_to_ras=matrix)
-
     def _upload(self, request: SweepRequest) -> str:
         volume_id = self._uploads.get(request.upload_key)
         if volume_id is None:
@@ -425,12 +329,3 @@ class MiniGPTPancreasLogic:
                     raise GeometryError("The server did not resample the tilted volume; update the server.")
             volume_id = self._uploads[request.upload_key] = uploaded.volume_id
         return volume_id
-
-
-def _checked_range(slice_range: tuple[int, int] | None, slices: int) -> tuple[int, int]:
-    """(first, last) model-view slices of `slice_range` (None: all), inside a volume of `slices` slices."""
-    first, last = (0, slices - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
-    if not 0 <= first <= last < slices:
-        raise GeometryError(f"The slice range {first} to {last} is not inside the volume (slices 0 to "
-                            f"{slices - 1}); the first slice must not come after the last.")
-    return first, last
