@@ -31,7 +31,8 @@ if not os.path.isdir(os.path.join(_MODULE_DIR, "SlicerMiniGPTPancreas")) and _CH
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic  # noqa: E402
 from MiniGPTPancreasLib.results import results_table  # noqa: E402
 from MiniGPTPancreasLib.summaries import describe_response, describe_sweep  # noqa: E402
-from MiniGPTPancreasLib.volume_geometry import current_model_slice, first_ct_volume, slice_center_ras  # noqa: E402
+from MiniGPTPancreasLib.volume_geometry import (current_model_slice, first_ct_volume, model_view_geometry,  # noqa: E402
+                                                slice_center_ras)
 from MiniGPTPancreasLib.worker import DRAIN_INTERVAL_MS, TaskRunner  # noqa: E402
 from MiniGPTPancreasGui.self_test import MiniGPTPancreasTest  # noqa: E402, F401 - Slicer runs <Module>Test from here
 from MiniGPTPancreasGui.server_section import ServerSection  # noqa: E402
@@ -221,15 +222,16 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         self._parameterNode.firstSlice = 0
         self._parameterNode.lastSlice = self.ui.lastSliceSpinBox.maximum
 
-    def _currentSlice(self, volume):
+    def _currentSlice(self, view):
         redSliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
         if redSliceNode is None:
             raise ValueError(_("There is no Red slice view to take the current slice from; sweep a slice range."))
-        return current_model_slice(volume, redSliceNode)
+        return current_model_slice(view, redSliceNode)
 
     def _setRangeFromCurrent(self, field):
         try:
-            setattr(self._parameterNode, field, self._currentSlice(self._parameterNode.inputVolume))
+            view = self.logic.sweep_geometry(self._parameterNode.inputVolume)  # a tilted volume's resampled grid
+            setattr(self._parameterNode, field, self._currentSlice(view))
         except Exception as error:  # noqa: BLE001
             self._reportError(error)
 
@@ -260,7 +262,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
         return volume if self._confirmUpload() else None
 
     def _startSliceQuery(self, volume, prompt):
-        request = self.logic.prepare_slice(volume, self._currentSlice(volume))
+        request = self.logic.prepare_slice(volume, self._currentSlice(model_view_geometry(volume)))
 
         def finished(response):
             run = self.logic.add_slice_boxes(request, response, prompt, slicer.mrmlScene, volume)
@@ -320,7 +322,7 @@ class MiniGPTPancreasWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, S
             volume = self._readyVolume()
             if volume is None:
                 return
-            request = self.logic.prepare_slice(volume, self._currentSlice(volume))
+            request = self.logic.prepare_slice(volume, self._currentSlice(model_view_geometry(volume)))
             sent = self.logic.chat_session.ask(volume.GetID(), request.slice_index, self.ui.chatLineEdit.text)
         except Exception as error:  # noqa: BLE001
             self._reportError(error)

@@ -98,12 +98,13 @@ def test_current_slice_of_an_axial_view(scene, phantom, orientation):
     node = add_ct(scene, ph, ROTATE_90_AND_SHIFT)
     view = expected_view(ph, ROTATE_90_AND_SHIFT)
     centre_of_slice_23 = (view.model_to_ras_matrix @ [10.0, 20.0, 23.0, 1.0])[:3]
-    assert volume_geometry.current_model_slice(node, axial_slice_node(scene, centre_of_slice_23)) == 23
+    geometry = volume_geometry.model_view_geometry(node)
+    assert volume_geometry.current_model_slice(geometry, axial_slice_node(scene, centre_of_slice_23)) == 23
     with pytest.raises(volume_geometry.VolumeNodeError, match="not axial"):
-        volume_geometry.current_model_slice(node, axial_slice_node(scene, centre_of_slice_23, (1.0, 0.0, 0.0)))
+        volume_geometry.current_model_slice(geometry, axial_slice_node(scene, centre_of_slice_23, (1.0, 0.0, 0.0)))
     below = centre_of_slice_23 - [0, 0, 24 * view.spacing[2]]
     with pytest.raises(GeometryError, match="outside the volume"):
-        volume_geometry.current_model_slice(node, axial_slice_node(scene, below))
+        volume_geometry.current_model_slice(geometry, axial_slice_node(scene, below))
 
 
 def test_int16_conversion_rounds_and_clips():

@@ -16,7 +16,7 @@ from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
 from MiniGPTPancreasLib.boxes_to_markups import roi_world_center_and_size
 from MiniGPTPancreasLib.logic import MiniGPTPancreasLogic
 from MiniGPTPancreasLib.summaries import describe_sweep
-from MiniGPTPancreasLib.volume_geometry import add_volume_node
+from MiniGPTPancreasLib.volume_geometry import add_volume_node, current_model_slice, numpy_to_matrix, slice_center_ras
 from MiniGPTPancreasLib.volume_requests import RESAMPLE_CHECKBOX_TEXT
 from SlicerMiniGPTPancreas.geometry import ModelView, ObliqueVolumeError, nearest_axial_grid
 
@@ -59,6 +59,12 @@ def test_a_tilted_volume_is_refused_unless_the_server_may_resample_it(live, scen
     logic.resample_tilted = True
     grid = ModelView.from_volume(np.zeros(hu.shape, np.int16), nearest_axial_grid(matrix, hu.shape))
     assert logic.sweep_geometry(node).shape == grid.shape  # the panel's range spans the resampled slices
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    slice_to_ras = np.eye(4)
+    slice_to_ras[:3, 3] = slice_center_ras(grid, 12)
+    red.GetSliceToRAS().DeepCopy(numpy_to_matrix(slice_to_ras))
+    red.UpdateMatrices()
+    assert current_model_slice(logic.sweep_geometry(node), red) == 12  # the panel's "Here" on the resampled grid
     request = logic.prepare_sweep(node, (8, 16))
     assert request.resampled
     outcome = logic.run_sweep(request, REFER)

@@ -105,8 +105,9 @@ def model_slice_at_ras(view: ModelView, point_ras: np.ndarray) -> int:
     return s
 
 
-def current_model_slice(volume_node: Any, slice_node: Any) -> int:
-    """The model-view slice s that an axial slice view (vtkMRMLSliceNode) shows of the volume."""
+def current_model_slice(view: ModelView, slice_node: Any) -> int:
+    """The model-view slice s of `view` (a volume's model_view_geometry, or the resampled grid a sweep of a tilted
+    volume is on) that an axial slice view (vtkMRMLSliceNode) shows."""
     slice_to_ras = matrix_to_numpy(slice_node.GetSliceToRAS())
     normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
     if np.linalg.norm(normal[:2]) > AXIAL_TOLERANCE:
@@ -114,7 +115,7 @@ def current_model_slice(volume_node: Any, slice_node: Any) -> int:
             f"The view '{slice_node.GetName()}' is not axial (its slice normal is {np.round(normal, 3).tolist()}). "
             "MiniGPT-Pancreas reads axial slices: set the view's orientation to Axial, or choose a slice range."
         )
-    return model_slice_at_ras(model_view_geometry(volume_node), slice_to_ras[:3, 3])
+    return model_slice_at_ras(view, slice_to_ras[:3, 3])
 
 
 def slice_center_ras(view: ModelView, s: int) -> np.ndarray:
