@@ -136,8 +136,10 @@ def parse_scan_params(params: Mapping[str, str]) -> tuple[np.ndarray | None, boo
     return matrix, resample == "true"
 
 
-def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Inverse of encode_volume: (read-only [S, R, C] int16 array, (col, row, slice) spacing in mm)."""
+def decode_volume(body: bytes | np.ndarray, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Inverse of encode_volume / encode_scan: ([S, R, C] int16 array over `body`'s memory, no copy; (col, row,
+    slice) spacing in mm, None for a volume sent as stored). Read-only for bytes; the service passes the buffer it
+    streamed the upload into."""
     shape, spacing, n_bytes = parse_volume_params(params)
     if len(body) != n_bytes:
         raise ProtocolError("body", f"has {len(body)} bytes but shape {list(shape)} int16 needs {n_bytes}")

@@ -8,14 +8,13 @@ import logging
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from backend.prompts import check_question
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.validation import Schema
-from SlicerMiniGPTPancreas.wire_arrays import parse_scan_params, parse_volume_params
+from SlicerMiniGPTPancreas.wire_arrays import decode_volume, parse_scan_params, parse_volume_params
 
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
@@ -111,7 +110,7 @@ async def chat(request: Request) -> JSONResponse:
 async def upload_volume(request: Request) -> JSONResponse:
     service = _service(request)
     require_content_type(request, "application/octet-stream")
-    shape, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
+    _, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
     ijk_to_ras, resample = parse_scan_params(request.query_params)
     await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
     try:
@@ -120,8 +119,7 @@ async def upload_volume(request: Request) -> JSONResponse:
         await drain(request)  # so that the client hears why instead of a connection reset
         raise
     with reservation:
-        body = await read_exactly(request, n_bytes)
-        array = body.view("<i2").astype(np.int16, copy=False).reshape(shape)
+        array, _ = decode_volume(await read_exactly(request, n_bytes), request.query_params)
         array.flags.writeable = False
         resampled = False
         if ijk_to_ras is not None:  # sent as stored: the model view (resampled when tilted and asked) is made here
