@@ -197,6 +197,17 @@ def test_relative_base_paths_are_resolved_against_the_model_folder(upstream, pix
     assert resaved["base"]["vit_checkpoint"]["path"] == str(base.vit_checkpoint)  # absolute again
 
 
+def test_provenance_is_recorded_relative_to_the_working_directory(upstream, tmp_path, monkeypatch):
+    """A model built in a checkout and bundled must not carry the builder's home folder in its manifest."""
+    _, source = private_model(upstream, tmp_path / "build" / "private")
+    monkeypatch.chdir(tmp_path / "build")
+    assert export(source, "--out", tmp_path / "build" / "exported")[0] == 0
+    assert manifest_of(tmp_path / "build" / "exported")["exported_from"] == "private/model"
+    monkeypatch.chdir(tmp_path / "build" / "exported")  # the source is outside: absolute, still traceable
+    assert export(source, "--out", tmp_path / "again")[0] == 0
+    assert manifest_of(tmp_path / "again")["exported_from"] == str(source)
+
+
 # ------------------------------------------------------------------------------------- bundled demo model
 
 def test_the_bundled_model_lookup_says_how_to_build_it_when_missing(tmp_path, monkeypatch):

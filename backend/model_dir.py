@@ -69,7 +69,7 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
             "llama_dir": {"path": _path_to_record(base.llama_dir, folder), "files": {
                 file.name: fingerprint(file, hash_base_files).to_dict() for file in _llama_files(base.llama_dir)}},
         },
-        "imported_from": str(base.imported_from) if base.imported_from else None,
+        "imported_from": provenance_path(base.imported_from) if base.imported_from else None,
         "tensors": {"file": TENSORS_FILE, "sha256": sha256_of(folder / TENSORS_FILE)},
     }
     text = json.dumps(manifest, indent=2)
@@ -151,6 +151,13 @@ def _recorded_path(recorded: str, model_dir: str | os.PathLike | None) -> Path:
         return path
     # Absolute from here on: a model saved from this one (fit) must not record a path relative to the wrong folder.
     return (Path(model_dir) / path).resolve()
+
+
+def provenance_path(path: str | os.PathLike) -> str:
+    """A path recorded for provenance only (never opened again): relative to the working directory when under it,
+    so a model built in a checkout records `runs/demo/...`, not the builder's home folder; else absolute."""
+    resolved, here = Path(path).absolute(), Path.cwd()
+    return str(resolved.relative_to(here)) if resolved.is_relative_to(here) else str(resolved)
 
 
 def _path_to_record(path: Path, folder: Path) -> str:

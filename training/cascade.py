@@ -169,7 +169,7 @@ def _engine(model_dir: Path, device: str, batch_size: int):
 def _evaluate_final(config: CascadeConfig, model_dir: Path, state: CascadeState, device: str,
                     say: Say) -> dict[str, Any]:
     """Evaluate the final model on the test split; again only when the model changed (its manifest's hash)."""
-    from backend.model_dir import read_manifest
+    from backend.model_dir import provenance_path, read_manifest
     from training.evaluate import evaluate, rescore, run_settings
 
     out = config.output_dir / EVALUATION_FOLDER
@@ -177,7 +177,7 @@ def _evaluate_final(config: CascadeConfig, model_dir: Path, state: CascadeState,
     identity = json.loads(json.dumps({key: manifest[key] for key in ("tensors", "base")}))  # weights, not card
     if state.data.get("evaluated") == identity and (out / "metrics.json").is_file():
         return rescore(out, config.prepared, config.evaluate.get("tasks"), config.evaluate.get("limit"))
-    settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", str(model_dir), config.prepared)
+    settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", provenance_path(model_dir), config.prepared)
     engine = _engine(model_dir, device, config.evaluate.get("batch_size", 16))
     settings.update(device=engine.device, precision=engine.precision)
     say(f"[cascade] evaluate {model_dir} on the test split -> {out}")

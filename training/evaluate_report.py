@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from backend.model_dir import provenance_path
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 from training.evaluate_baseline import BOX_LABEL, MAJORITY_LABEL
 from training.evaluate_confidence import confidence_table
@@ -88,7 +89,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     """The paper's tables; numbers are fractions (0-1), every column names its protocol."""
     run = metrics.get("run", {})
     lines = ["# Evaluation", "", f"Model: {run.get('model', 'not recorded')}. Prepared data: "
-             f"{run.get('prepared', '?')}. Numbers are fractions (0-1); `n/a` = not defined for that protocol.", ""]
+             f"{provenance_path(run['prepared']) if run.get('prepared') else '?'}. Numbers are fractions (0-1); `n/a` = not defined for that protocol.", ""]
     rows = detection_rows(metrics)
     if rows:
         lines += ["## Box detection", ""]

@@ -28,7 +28,7 @@ from typing import Any
 from backend.checkpoint_io import sha256_of
 from backend.checkpoints import BaseFiles
 from backend.commands.model_options import ModelSourceError
-from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, check_base_files, read_manifest
+from backend.model_dir import MANIFEST_FILE, TENSORS_FILE, check_base_files, provenance_path, read_manifest
 from backend.tokenizer import MODEL_FILE_NAME
 from SlicerMiniGPTPancreas.atomic import staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
@@ -85,7 +85,7 @@ def export_model(source: Path, out: Path, *, epoch: int | None = None, model_id:
     with staged_folder(out) as staging:
         staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         exported = {**manifest, **_copy_files(folder, manifest, base, staging, half_base), "card": card,
-                    "exported_from": str(folder.absolute())}
+                    "exported_from": provenance_path(folder)}
         (staging / MANIFEST_FILE).write_text(json.dumps(exported, indent=2) + "\n")
     return exported
 
