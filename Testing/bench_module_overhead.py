@@ -19,6 +19,8 @@ Apply, a 20 ms timer; after: the client kept while the settings are unchanged, a
   nice 15   before  total median 41.1 / 38.4 / 31.4, max 395.0 / 302.6 /  89.9; drain median 6.1 / 13.3 / 14.5
             after   total median 33.4 / 39.7 / 22.8, max 390.8 / 200.2 / 158.7; drain median 2.8 /  2.7 /  2.1
   nice 0    before  total median 48.8, max 174.0;  after  total median 40.3, max 106.8
+With the machine to itself (load average 1.4; after): total median 13.1, p90 16.3, max 20.9; http median 10.7,
+max 16.4; drain median 2.5, max 4.8.
 The drain went from up to 26 ms to up to 15 ms (one stall of 44). The kept connection saves about 1 ms (30
 alternated pairs: http median 13.3 kept, 14.5 new). The rest is `http`, and its tails are waiting for a CPU: the
 same call costs 9-15 ms at quieter moments, about 5 ms of it the server's HTTP handling (body, JSON, thread
