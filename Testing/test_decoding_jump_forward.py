@@ -12,23 +12,20 @@ import torch
 
 from backend.answers import BoxGrammarConstraint
 from backend.cascade_sweep import PANCREAS_QUESTION, TUMOUR_BOX_QUESTION, TUMOUR_QUESTION, sweep_cascade
-from backend.checkpoints import load_upstream
 from backend.decoding import BoxDrafter
 from backend.demo_model import DEMO_MODEL_DIR
 from backend.engine import InferenceEngine
 from backend.image import preprocess_image
 from backend.model_dir import load_model
 from SlicerMiniGPTPancreas import phantom, preprocess
-from tiny_upstream_models import build_tiny_upstream
+from tiny_upstream_models import load_tiny_upstream
 
 VQA = "[vqa] what organ is this?"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    files = build_tiny_upstream(tmp_path_factory.mktemp("upstream"))
-    return load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
-                         image_size=files.sizes.image_size)
+    return load_tiny_upstream(tmp_path_factory.mktemp("upstream"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 import requests
 
 from backend import cli
-from backend.checkpoints import load_upstream
 from backend.engine import InferenceEngine
 from backend.service import ServiceLimits, create_app
 from backend.service.volumes import VolumeStore
@@ -28,7 +27,7 @@ from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import grammar
 from SlicerMiniGPTPancreas import protocol as p
-from tiny_upstream_models import build_tiny_upstream
+from tiny_upstream_models import build_tiny_upstream, tiny_engine
 
 REFER = "[refer] give me the location of the pancreas"
 YES_NO = "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
@@ -37,10 +36,7 @@ TOKEN = "service-test-token-0123456789"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> InferenceEngine:
-    files = build_tiny_upstream(tmp_path_factory.mktemp("tiny_upstream"))
-    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
-                          image_size=files.sizes.image_size)
-    return InferenceEngine(model, batch_size=4, model_id="tiny-test")
+    return tiny_engine(tmp_path_factory.mktemp("tiny_upstream"))
 
 
 @pytest.fixture(scope="module")

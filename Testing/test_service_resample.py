@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from backend.checkpoints import load_upstream
 from backend.engine import InferenceEngine
 from backend.service import create_app
 from gated_engine import WAIT_S
@@ -20,17 +19,14 @@ from live_server import LiveServer
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas.geometry import ModelView, nearest_axial_grid
 from tilted_volume import assert_block_boxes_cover_the_block, tilted_ct
-from tiny_upstream_models import build_tiny_upstream
+from tiny_upstream_models import tiny_engine
 
 REFER = "[refer] give me the location of the pancreas"
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> InferenceEngine:
-    files = build_tiny_upstream(tmp_path_factory.mktemp("tiny_upstream"))
-    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
-                          image_size=files.sizes.image_size)
-    return InferenceEngine(model, batch_size=4, model_id="tiny-test")
+    return tiny_engine(tmp_path_factory.mktemp("tiny_upstream"))
 
 
 @pytest.fixture(scope="module")

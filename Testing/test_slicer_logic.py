@@ -68,24 +68,10 @@ def live(tmp_path_factory):
     """The real service (backend.service.create_app) around a tiny MiniGPT-v2 whose engine records what it saw."""
     pytest.importorskip("torch")
     pytest.importorskip("uvicorn")
-    from backend.checkpoints import load_upstream
-    from backend.engine import InferenceEngine
     from backend.service import create_app
-    from tiny_upstream_models import build_tiny_upstream
+    from tiny_upstream_models import tiny_engine
 
-    class RecordingEngine(InferenceEngine):
-        """The real engine; it also keeps a copy of every slice it was asked about."""
-
-        seen: list[np.ndarray] = []
-
-        def run(self, slices_hu, prompts, **options):
-            self.seen.extend(np.array(s) for s in slices_hu)
-            return super().run(slices_hu, prompts, **options)
-
-    files = build_tiny_upstream(tmp_path_factory.mktemp("tiny_upstream"))
-    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
-                          image_size=files.sizes.image_size)
-    engine = RecordingEngine(model, batch_size=4, model_id="tiny-slicer-test")
+    engine = tiny_engine(tmp_path_factory.mktemp("tiny_upstream"), "tiny-slicer-test", recording=True)
     gate = Gate()
     with LiveServer(create_app(GatedEngine(engine, gate), constrain_boxes=True)) as server:
         server.engine, server.gate = engine, gate

@@ -25,22 +25,10 @@ from SlicerMiniGPTPancreas.geometry import ModelView, ObliqueVolumeError, neares
 def live(tmp_path_factory):
     """The real service around a tiny MiniGPT-v2 whose engine keeps every slice it was asked about."""
     pytest.importorskip("uvicorn")
-    from backend.checkpoints import load_upstream
-    from backend.engine import InferenceEngine
     from backend.service import create_app
-    from tiny_upstream_models import build_tiny_upstream
+    from tiny_upstream_models import tiny_engine
 
-    class RecordingEngine(InferenceEngine):
-        seen: list[np.ndarray] = []
-
-        def run(self, slices_hu, prompts, **options):
-            self.seen.extend(np.array(s) for s in slices_hu)
-            return super().run(slices_hu, prompts, **options)
-
-    files = build_tiny_upstream(tmp_path_factory.mktemp("tiny_upstream"))
-    model = load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
-                          image_size=files.sizes.image_size)
-    engine = RecordingEngine(model, batch_size=4, model_id="tiny-slicer-test")
+    engine = tiny_engine(tmp_path_factory.mktemp("tiny_upstream"), "tiny-slicer-test", recording=True)
     with LiveServer(create_app(engine, constrain_boxes=True)) as server:
         server.engine = engine
         yield server

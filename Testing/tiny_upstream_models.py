@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backend.tiny import build_tiny_sentencepiece
@@ -67,3 +68,28 @@ def build_tiny_llama_dir(out_dir: str | os.PathLike, sizes: TinySizes = TinySize
         save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
     return folder
+
+
+def load_tiny_upstream(out_dir: str | os.PathLike):
+    """A tiny MiniGPT-v2 written by `build_tiny_upstream` into `out_dir` and loaded the way users load the real one."""
+    from backend.checkpoints import load_upstream
+
+    files = build_tiny_upstream(out_dir)
+    return load_upstream(files.vit_checkpoint, files.llama_dir, files.minigpt_checkpoint,
+                         image_size=files.sizes.image_size)
+
+
+def tiny_engine(out_dir: str | os.PathLike, model_id: str = "tiny-test", recording: bool = False):
+    """The real engine (batch 4) around `load_tiny_upstream`; `recording`: it also keeps a copy of every slice it
+    was asked about, in `engine.seen`."""
+    from backend.engine import InferenceEngine
+
+    class RecordingEngine(InferenceEngine):
+        def run(self, slices_hu, prompts, **options):
+            self.seen.extend(np.array(s) for s in slices_hu)
+            return super().run(slices_hu, prompts, **options)
+
+    engine = (RecordingEngine if recording else InferenceEngine)(load_tiny_upstream(out_dir), batch_size=4,
+                                                                 model_id=model_id)
+    engine.seen = []
+    return engine
