@@ -158,3 +158,18 @@ def test_a_bad_cascade_file_is_refused_by_name(tmp_path, change, message):
     path.write_text(json.dumps(cascade))
     with pytest.raises(FitConfigError, match=message):  # CascadeConfigError is one
         load_cascade(path)
+
+
+def test_the_build_time_counts_every_call_up_to_its_last_save_crashed_calls_too(tmp_path, monkeypatch):
+    """The model card's build time: a call that crashed after saving progress still counts."""
+    import training.cascade as cascade
+
+    clock = iter([0.0, 180.0, 1000.0, 1060.0])  # seconds: start, a save, the next call's start, its save
+    monkeypatch.setattr(cascade.time, "monotonic", lambda: next(clock))
+    crashed = cascade.CascadeState(tmp_path / "state.json")
+    crashed.stage("tower")["chosen_epoch"] = 3
+    crashed.save()  # then the call dies: nothing else is saved
+    resumed = cascade.CascadeState(tmp_path / "state.json")
+    assert resumed.data["minutes"] == 3.0
+    resumed.save()
+    assert json.loads((tmp_path / "state.json").read_text())["minutes"] == 4.0

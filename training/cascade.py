@@ -33,16 +33,20 @@ Say = Callable[[str], None]
 
 
 class CascadeState:
-    """What a cascade run has finished, saved after every change (so a crash loses at most the step in flight)."""
+    """What a cascade run has finished, saved after every change (so a crash loses at most the step in flight),
+    with the minutes of every call together up to the last save (so a resumed build reports its whole time,
+    including calls that ended in a crash)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        self._started, self._earlier_minutes = time.monotonic(), self.data.get("minutes", 0.0)
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(name, {"scores": {}})
 
     def save(self) -> None:
+        self.data["minutes"] = round(self._earlier_minutes + (time.monotonic() - self._started) / 60, 1)
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
 
 
@@ -50,7 +54,6 @@ def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -
     """Run (or resume) the cascade; return the final state."""
     config.output_dir.mkdir(parents=True, exist_ok=True)
     state = CascadeState(config.output_dir / STATE_FILE)
-    started, earlier_minutes = time.monotonic(), state.data.get("minutes", 0.0)
     _prepare_data(config, say)
     for number, stage in enumerate(config.stages, 1):
         say(f"[cascade] stage {number}/{len(config.stages)} {stage.name}: "
@@ -60,8 +63,6 @@ def run_cascade(config: CascadeConfig, device: str = "auto", say: Say = print) -
     chosen = config.stage_dir(config.final) / model_dir_name(final["chosen_epoch"])
     model_dir = _export(config, chosen, state, say) if config.export else chosen
     metrics = _evaluate_final(config, model_dir, state, device, say)
-    # minutes of every call together, so a resumed run reports the whole build
-    state.data["minutes"] = round(earlier_minutes + (time.monotonic() - started) / 60, 1)
     state.data["final_model"] = str(model_dir)
     state.save()
     if config.export:
