@@ -82,7 +82,13 @@ def decode_slice(payload: Any, field: str = "slice") -> np.ndarray:
     if len(raw) != n_bytes:  # right length, but padding ('=') hides missing bytes
         raise ProtocolError(f"{field}.data", f"decodes to {len(raw)} bytes but shape [{rows}, {cols}] int16 "
                                              f"needs {n_bytes}")
-    return np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=False).reshape(rows, cols)
+    return int16_array(raw, (rows, cols))
+
+
+def int16_array(buffer: bytes | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The native int16 array of `shape` over a little-endian byte buffer of exactly its size (no copy on a
+    little-endian machine; read-only over bytes)."""
+    return np.frombuffer(buffer, dtype="<i2").astype(np.int16, copy=False).reshape(shape)
 
 
 SLICE_FIELD = {"encode": encode_slice, "decode": decode_slice}  # metadata of a message field holding a slice
@@ -125,25 +131,20 @@ def parse_scan_params(params: Mapping[str, str]) -> tuple[np.ndarray | None, boo
         if resample == "true":
             raise ProtocolError("resample", "needs the volume as stored with its ijk_to_ras (encode_scan)")
         return None, False
-    parts = str(params["ijk_to_ras"]).split(",")
-    if len(parts) != 16 or not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in parts):
+    numbers = _parse_numbers(params, "ijk_to_ras", "16 comma-separated numbers (a 4x4 matrix, row by row)")
+    if len(numbers) != 16:
         raise ProtocolError("ijk_to_ras", f"expected 16 comma-separated numbers (a 4x4 matrix, row by row), got "
                                           f"{excerpt(params['ijk_to_ras'])}")
-    try:
-        matrix = np.array([float(part) for part in parts]).reshape(4, 4)
-    except ValueError as error:
-        raise ProtocolError("ijk_to_ras", f"expected comma-separated numbers ({error})") from error
-    return matrix, resample == "true"
+    return np.array(numbers).reshape(4, 4), resample == "true"
 
 
-def decode_volume(body: bytes | np.ndarray, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """Inverse of encode_volume / encode_scan: ([S, R, C] int16 array over `body`'s memory, no copy; (col, row,
-    slice) spacing in mm, None for a volume sent as stored). Read-only for bytes; the service passes the buffer it
-    streamed the upload into."""
+def decode_volume(body: bytes, params: Mapping[str, str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Inverse of encode_volume / encode_scan: (read-only int16 array, (col, row, slice) spacing in mm, None for a
+    volume sent as stored). The service reads the query first and streams the body into `int16_array`'s buffer."""
     shape, spacing, n_bytes = parse_volume_params(params)
     if len(body) != n_bytes:
         raise ProtocolError("body", f"has {len(body)} bytes but shape {list(shape)} int16 needs {n_bytes}")
-    return np.frombuffer(body, dtype="<i2").astype(np.int16, copy=False).reshape(shape), spacing
+    return int16_array(body, shape), spacing
 
 
 def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int], tuple[float, ...] | None, int]:
@@ -156,15 +157,19 @@ def parse_volume_params(params: Mapping[str, str]) -> tuple[tuple[int, int, int]
         if key not in params:
             raise ProtocolError(key, "required query parameter is missing")
     shape, n_bytes = _parse_shape(params)
-    parts = str(params["spacing_mm"]).split(",")
-    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in parts):
-        raise ProtocolError("spacing_mm", f"expected three comma-separated numbers in mm, got "
-                                          f"{excerpt(params['spacing_mm'])}")
-    try:
-        spacing = [float(part) for part in parts]
-    except ValueError as error:
-        raise ProtocolError("spacing_mm", f"expected comma-separated numbers ({error})") from error
+    spacing = _parse_numbers(params, "spacing_mm", "three comma-separated numbers in mm")
     return shape, check_spacing(spacing, "spacing_mm", 3), n_bytes
+
+
+def _parse_numbers(params: Mapping[str, str], key: str, expected: str) -> list[float]:
+    """The comma-separated decimal numbers of query parameter `key` (short plain tokens only, then float())."""
+    parts = str(params[key]).split(",")
+    if not all(re.fullmatch(r"[0-9.eE+-]{1,32}", part) for part in parts):
+        raise ProtocolError(key, f"expected {expected}, got {excerpt(params[key])}")
+    try:
+        return [float(part) for part in parts]
+    except ValueError as error:
+        raise ProtocolError(key, f"expected comma-separated numbers ({error})") from error
 
 
 def _parse_shape(params: Mapping[str, str]) -> tuple[tuple[int, int, int], int]:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from backend.prompts import check_question
 from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.validation import Schema
-from SlicerMiniGPTPancreas.wire_arrays import decode_volume, parse_scan_params, parse_volume_params
+from SlicerMiniGPTPancreas.wire_arrays import int16_array, parse_scan_params, parse_volume_params
 
 from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
@@ -110,7 +110,7 @@ async def chat(request: Request) -> JSONResponse:
 async def upload_volume(request: Request) -> JSONResponse:
     service = _service(request)
     require_content_type(request, "application/octet-stream")
-    _, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
+    shape, spacing, n_bytes = parse_volume_params(request.query_params)  # ProtocolError -> 422
     ijk_to_ras, resample = parse_scan_params(request.query_params)
     await check_declared_length(request, n_bytes, service.limits.max_upload_bytes)
     try:
@@ -119,7 +119,7 @@ async def upload_volume(request: Request) -> JSONResponse:
         await drain(request)  # so that the client hears why instead of a connection reset
         raise
     with reservation:
-        array, _ = decode_volume(await read_exactly(request, n_bytes), request.query_params)
+        array = int16_array(await read_exactly(request, n_bytes), shape)
         array.flags.writeable = False
         resampled = False
         if ijk_to_ras is not None:  # sent as stored: the model view (resampled when tilted and asked) is made here
