@@ -109,7 +109,7 @@ def _run_stage(config: CascadeConfig, stage: StageSpec, state: CascadeState, dev
     latest = _latest(config.stage_dir(stage.name))
     if latest is None or latest["step"] < fit_config.last_step:
         fit(fit_config, resume=True)
-    epochs = fit_config.last_step // fit_config.iters_per_epoch + bool(fit_config.last_step % fit_config.iters_per_epoch)
+    epochs = -(-fit_config.last_step // fit_config.iters_per_epoch)  # the last one may be partial (max_steps)
     if not stage.select_tasks:
         record["chosen_epoch"] = epochs - 1
         state.save()

@@ -88,8 +88,9 @@ def _cell(numbers: dict[str, Any], key: str) -> str:
 def render_markdown(metrics: dict[str, Any]) -> str:
     """The paper's tables; numbers are fractions (0-1), every column names its protocol."""
     run = metrics.get("run", {})
-    lines = ["# Evaluation", "", f"Model: {run.get('model', 'not recorded')}. Prepared data: "
-             f"{provenance_path(run['prepared']) if run.get('prepared') else '?'}. Numbers are fractions (0-1); `n/a` = not defined for that protocol.", ""]
+    prepared = provenance_path(run["prepared"]) if run.get("prepared") else "?"
+    lines = ["# Evaluation", "", f"Model: {run.get('model', 'not recorded')}. Prepared data: {prepared}. Numbers are "
+             "fractions (0-1); `n/a` = not defined for that protocol.", ""]
     rows = detection_rows(metrics)
     if rows:
         lines += ["## Box detection", ""]

@@ -5,7 +5,7 @@ Upstream's recipe (docs/upstream.md section 5.1), kept exactly unless noted:
   stage 0 (`"train": "all"`, usually from `"scratch"`) trains every parameter but LoRA instead, standing in for
   MiniGPT-v2's own pre-training, and writes its base into each model folder (`training.base_weights`); before
   it, `"train": "vision"` trains the vision tower alone on the patch-grounding loss (the language model is not
-  run, so a step costs about half), standing in for the EVA-CLIP pre-training MiniGPT-v2's tower came with;
+  run, so a step costs about a third), standing in for the EVA-CLIP pre-training MiniGPT-v2's tower came with;
 * AdamW, betas (0.9, 0.999), weight decay 0.05 on matrices, 0 on biases and norms;
 * LR per iteration from `lr_at` (upstream's LinearWarmupCosineLRScheduler); an "epoch" is `iters_per_epoch`
   iterations, each one batch from ONE dataset chosen by sample ratio (`training.data`);

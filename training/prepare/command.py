@@ -124,7 +124,8 @@ def _roots(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, str]:
                                "{\"roots\": {\"nih\": \"/data/Pancreas-CT\", \"msd\": \"/data/Task07_Pancreas\"}}.")
         return dict(config_roots)
     if not args.dataset:
-        raise PrepareError("say what to prepare: --dataset nih|msd|abdomenct1k with --root DIR, or --all --config FILE.")
+        raise PrepareError("say what to prepare: --dataset nih|msd|abdomenct1k with --root DIR, or --all --config "
+                           "FILE.")
     root = args.root or config_roots.get(args.dataset)
     if not root:
         raise PrepareError(f"--root is required with --dataset {args.dataset} (the folder it was extracted to).")
