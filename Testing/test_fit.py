@@ -244,6 +244,8 @@ def test_examples_use_upstreams_prompt_pools_and_the_prepared_images(prepared):
     (lambda d: d.update(augment={"zoom": [1.2, 0.8]}), r"'augment'.zoom must be \[low, high\]"),
     (lambda d: d.update(augment={"shift": 0.7}), r"'augment'.shift must be at most 0.5"),
     (lambda d: d.update(augment={"rotate": 10}), r"'augment' must be true, false or"),
+    (lambda d: d.update(augment={"window": 0.5}), r"'augment'.window must be at most 0.4"),
+    (lambda d: d.update(augment={"gamma": [0, 2]}), r"'augment'.gamma must be \[low, high\]"),
     (lambda d: d.update(answer_value=-1), r"'answer_value' must be a number >= 0"),
     (lambda d: d.update(patch_grounding=1.0), r"'patch_grounding' trains the vision tower"),
     (lambda d: d.update(train="vision"), r"\"vision\" trains the tower on the patch-grounding loss alone"),

@@ -17,7 +17,7 @@ from backend.checkpoints import load_upstream
 from training.base_weights import ScratchSizes, write_initial_base
 from SlicerMiniGPTPancreas import grammar
 from training.answer_value import AnswerValueLoss
-from training.augment import Augmentation, augment_example
+from training.augment import Augmentation, adjust_intensity, augment_example
 from training.patch_grounding import PatchGroundingLoss
 
 SIZES = ScratchSizes(image_size=32, patch_size=8, vit_width=88, vit_depth=1, vit_mlp_hidden=128, llm_hidden=32,
@@ -121,3 +121,19 @@ def test_augmentation_moves_the_boxes_with_the_image():
     # a box that no zoom/shift keeps inside the frame leaves the example as it was
     edge = grammar.render_box((0, 0, 199, 99), 200, 100)
     assert augment_example(image, edge, Augmentation(zoom=(1.5, 2.0)), random.Random(0)) == (image, edge)
+
+
+def test_grey_level_augmentation_varies_contrast_and_keeps_the_order_of_tissues():
+    ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (4, 1))).convert("RGB")  # black to white
+    curves = [np.asarray(adjust_intensity(ramp, Augmentation(), random.Random(seed)))[0, :, 0].astype(int)
+              for seed in range(20)]
+    for curve in curves:
+        assert (np.diff(curve) >= 0).all()  # darker stays darker: a hypo-dense tumour stays visible
+        assert curve[-1] - curve[0] >= 128  # the curve squeezes contrast, it never erases it
+    assert len({tuple(curve) for curve in curves}) == 20
+    mid_greys = [curve[128] for curve in curves]
+    assert min(mid_greys) < 110 and max(mid_greys) > 150  # darker and brighter soft tissue, as scans differ
+    # the same seed draws the same curve; no window and gamma 1 leaves the image as it is
+    again = np.asarray(adjust_intensity(ramp, Augmentation(), random.Random(7)))[0, :, 0]
+    assert (again == curves[7]).all()
+    assert adjust_intensity(ramp, Augmentation(window=0.0, gamma=(1.0, 1.0)), random.Random(0)) is ramp

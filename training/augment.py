@@ -11,10 +11,18 @@ decoded to pixel boxes (cell centres), mapped, and rendered again with the upstr
 push a box out of the frame is redrawn (then left out), so no answer ever describes a cut structure. Areas
 uncovered by a zoom-out are black, as air outside the field of view is after the CT window. Yes/no answers and
 the absent box are unchanged. Left-right flips are not used: they would teach impossible anatomy.
+
+The grey levels then pass through a random monotone curve (`adjust_intensity`): the window's ends move and a
+gamma bends what lies between. Why: a model trained on one scanner's (or one phantom generator's) grey levels
+reads organs by their exact brightness. Measured on the demo model trained without it, a gamma of 1.5 on the
+test slices dropped the pancreas IoU from 0.64 to 0.40, and a contrast of 0.7 to 0.47; real scans differ in
+contrast phase, kernel and window at least that much. The curve is monotone, so what is darker stays darker (a
+hypo-attenuating tumour stays visible) and no answer changes.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -27,10 +35,13 @@ _TRIES = 10  # draws before an example is used as it is
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Ranges of the random map: zoom factor (>1 enlarges) and shift (a fraction of the side, each axis)."""
+    """Ranges of the random maps: zoom factor (>1 enlarges), shift (a fraction of the side, each axis), how far
+    each end of the grey range may move (a fraction of it) and the gamma (drawn log-uniformly)."""
 
     zoom: tuple[float, float] = (0.8, 1.25)
     shift: float = 0.12
+    window: float = 0.2
+    gamma: tuple[float, float] = (0.67, 1.5)
 
 
 def augment_example(image: Image.Image, answer: str, settings: Augmentation,
@@ -52,6 +63,17 @@ def augment_example(image: Image.Image, answer: str, settings: Augmentation,
         if rewritten is not None:
             return _warp(image, zoom, shift), rewritten
     return image, answer
+
+
+def adjust_intensity(image: Image.Image, settings: Augmentation, rng: random.Random) -> Image.Image:
+    """`image` with its grey levels through v -> clip((v - low) / (high - low)) ** gamma, drawn from `settings`."""
+    if not settings.window and settings.gamma == (1.0, 1.0):
+        return image
+    low = rng.uniform(-settings.window, settings.window)
+    high = 1.0 + rng.uniform(-settings.window, settings.window)
+    gamma = math.exp(rng.uniform(math.log(settings.gamma[0]), math.log(settings.gamma[1])))
+    table = [round(255 * min(1.0, max(0.0, (level / 255 - low) / (high - low))) ** gamma) for level in range(256)]
+    return image.point(table * len(image.getbands()))
 
 
 def _map_box(box: tuple[float, float, float, float], zoom: float, shift: tuple[float, float],

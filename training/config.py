@@ -117,7 +117,7 @@ class FitConfig:
     patch_grounding: float = 0.0  # weight of stage 0's patch-level box loss (training.patch_grounding); 0 = off
     answer_value: float = 0.0  # weight of stage 0's answer-number regression (training.answer_value); 0 = off
     inference_layout_share: float = 0.0  # stage 0: share of rows trained on generate's prompt layout (two BOS)
-    augment: Augmentation | None = None  # random zoom + shift of each example, boxes moved along (training.augment)
+    augment: Augmentation | None = None  # random zoom, shift and grey-level curve of each example (training.augment)
     hash_base_files: bool = False  # sha256 of the base files in every model folder (minutes for a 13 GB LLaMA)
     stage: str = ""  # a name for logs, e.g. "pancreas_detection"
     description: str = ""
@@ -324,23 +324,33 @@ def _fraction(where: str, value: Any) -> float:
 
 
 def _augmentation(where: str, value: Any) -> Augmentation | None:
-    """null/false: off; true: the default ranges; {"zoom": [low, high], "shift": fraction}: these ranges."""
+    """null/false: off; true: the default ranges; {"zoom": [low, high], "shift": fraction, "window": fraction,
+    "gamma": [low, high]}: these ranges (a key left out keeps its default)."""
     if value is None or value is False:
         return None
     if value is True:
         return Augmentation()
-    if not isinstance(value, dict) or set(value) - {"zoom", "shift"}:
-        raise FitConfigError(f"{where} must be true, false or {{\"zoom\": [low, high], \"shift\": fraction}}, "
-                             f"got {value!r}.")
+    if not isinstance(value, dict) or set(value) - {"zoom", "shift", "window", "gamma"}:
+        raise FitConfigError(f"{where} must be true, false or an object with some of \"zoom\": [low, high], "
+                             f"\"shift\": fraction, \"window\": fraction, \"gamma\": [low, high]; got {value!r}.")
     defaults = Augmentation()
-    zoom = value.get("zoom", list(defaults.zoom))
-    if (not isinstance(zoom, list) or len(zoom) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                             for v in zoom) or not 0.25 <= zoom[0] <= zoom[1] <= 4):
-        raise FitConfigError(f"{where}.zoom must be [low, high] with 0.25 <= low <= high <= 4, got {zoom!r}.")
+    zoom = _range(f"{where}.zoom", value.get("zoom", list(defaults.zoom)), 0.25, 4)
+    gamma = _range(f"{where}.gamma", value.get("gamma", list(defaults.gamma)), 0.25, 4)
     shift = _fraction(f"{where}.shift", value.get("shift", defaults.shift))
     if shift > 0.5:
         raise FitConfigError(f"{where}.shift must be at most 0.5 (half the image), got {shift!r}.")
-    return Augmentation(zoom=(float(zoom[0]), float(zoom[1])), shift=shift)
+    window = _fraction(f"{where}.window", value.get("window", defaults.window))
+    if window > 0.4:
+        raise FitConfigError(f"{where}.window must be at most 0.4 (the grey range would fold), got {window!r}.")
+    return Augmentation(zoom=zoom, shift=shift, window=window, gamma=gamma)
+
+
+def _range(where: str, value: Any, lowest: float, highest: float) -> tuple[float, float]:
+    if (not isinstance(value, list) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+            or not lowest <= value[0] <= value[1] <= highest):
+        raise FitConfigError(f"{where} must be [low, high] with {lowest} <= low <= high <= {highest}, got {value!r}.")
+    return float(value[0]), float(value[1])
 
 
 def _train_mode(where: str, value: Any) -> str:

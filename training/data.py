@@ -10,7 +10,7 @@ upstream's loaders draw them (docs/upstream.md sections 4.6 and 5.1).
   shuffle of its entries, split over the processes, cut into full batches (the incomplete last one is dropped),
   as upstream's `IterLoader(DataLoader(DistributedSampler(shuffle=True), drop_last=True))`.
 * With `augment` on (training.augment), each example's slice is zoomed and shifted at random and its boxes moved
-  with it, drawn from a seed of its own (seed, rank, example number), so threads cannot change what is drawn.
+  with it, and its grey levels pass through a random monotone curve, all drawn from a seed of its own (seed, rank, example number), so threads cannot change what is drawn.
 * All randomness comes from `random.Random` objects seeded by (seed, rank); `state_dict` captures them, so a
   resumed run draws exactly the batches and prompts an uninterrupted one would.
 """
@@ -31,7 +31,7 @@ from PIL import Image
 from backend.image import preprocess_image
 from backend.prompts import caption_text, sample_refer_instruction, sample_tc_instruction
 from SlicerMiniGPTPancreas.errors import UserError
-from training.augment import Augmentation, augment_example
+from training.augment import Augmentation, adjust_intensity, augment_example
 from training.config import DatasetSpec
 
 YES_NO = ("yes", "no")
@@ -171,7 +171,9 @@ class TrainingData:
         try:
             with Image.open(path) as image:
                 if self.augment is not None:
-                    image, answer = augment_example(image.convert("RGB"), answer, self.augment, random.Random(seed))
+                    rng = random.Random(seed)
+                    image, answer = augment_example(image.convert("RGB"), answer, self.augment, rng)
+                    image = adjust_intensity(image, self.augment, rng)
                 return preprocess_image(image, self.image_size), answer
         except OSError as error:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot read image {path}: {error}. Re-run `prepare` for its volume.") from error
