@@ -24,6 +24,7 @@ from SlicerMiniGPTPancreas.grammar import render_box
 from SlicerMiniGPTPancreas.metrics import evaluate_detection
 from small_prepared import prepare_small_msd
 from tiny_upstream_models import build_tiny_upstream
+from training.augment import GreyCurve
 from training.cli import main
 from training.evaluate import evaluate, run_settings
 from training.evaluate_tasks import EvaluateError
@@ -43,6 +44,7 @@ class CountingEngine(InferenceEngine):
 
     def run_rgb(self, images_rgb, prompts, **options):
         self.slices_answered += len(images_rgb)
+        self.last_images = images_rgb
         return super().run_rgb(images_rgb, prompts, **options)
 
 
@@ -196,6 +198,30 @@ def test_a_rerun_answers_only_the_missing_q_ids(prepared, engine, tmp_path):
         evaluate(engine, prepared, out, other, [task])
     evaluate(engine, prepared, out, other, [task], limit=2, force=True)
     assert engine.slices_answered - before == 2 and len(saved(out, task)) == 2
+
+
+def test_a_grey_curve_changes_the_slices_the_model_sees_and_is_part_of_the_run(prepared, engine, tmp_path):
+    task = "pancreas_detection_msd"
+    plain = run_settings("tiny", "tiny model", prepared, max_new_tokens=6)
+    evaluate(engine, prepared, tmp_path / "plain", plain, [task], limit=3)
+    seen_plain = np.stack(engine.last_images).astype(float)
+    darker = run_settings("tiny", "tiny model", prepared, max_new_tokens=6, grey_curve=GreyCurve(0.0, 1.0, 1.5))
+    evaluate(engine, prepared, tmp_path / "darker", darker, [task], limit=3)
+    seen_darker = np.stack(engine.last_images).astype(float)
+    assert seen_darker.shape == seen_plain.shape and (seen_darker <= seen_plain).all()
+    soft_tissue = (seen_plain > 60) & (seen_plain < 200)
+    assert (seen_plain - seen_darker)[soft_tissue].mean() > 20  # mid greys darken, black and white stay
+    assert json.loads((tmp_path / "darker" / "run.json").read_text())["grey_curve"] == [0.0, 1.0, 1.5]
+    with pytest.raises(EvaluateError, match="different grey_curve"):  # answers under two curves never mix
+        evaluate(engine, prepared, tmp_path / "darker", plain, [task], limit=3)
+
+
+def test_a_malformed_grey_curve_is_a_one_line_error(prepared, model_dir, tmp_path, capsys):
+    for text, message in (("0,1", "three numbers LOW,HIGH,GAMMA"), ("1,0,1", "LOW < HIGH"), ("0,1,0", "GAMMA")):
+        assert main(["evaluate", "--prepared", str(prepared), "--model", str(model_dir), "--out",
+                     str(tmp_path / "e"), "--grey-curve", text]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 # ------------------------------------------------------------------------------------- scoring by hand

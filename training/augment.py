@@ -66,13 +66,28 @@ def augment_example(image: Image.Image, answer: str, settings: Augmentation,
 
 
 def adjust_intensity(image: Image.Image, settings: Augmentation, rng: random.Random) -> Image.Image:
-    """`image` with its grey levels through v -> clip((v - low) / (high - low)) ** gamma, drawn from `settings`."""
+    """`image` through a grey-level curve (`apply_grey_curve`) drawn from `settings`."""
     if not settings.window and settings.gamma == (1.0, 1.0):
         return image
     low = rng.uniform(-settings.window, settings.window)
     high = 1.0 + rng.uniform(-settings.window, settings.window)
     gamma = math.exp(rng.uniform(math.log(settings.gamma[0]), math.log(settings.gamma[1])))
-    table = [round(255 * min(1.0, max(0.0, (level / 255 - low) / (high - low))) ** gamma) for level in range(256)]
+    return apply_grey_curve(image, GreyCurve(low, high, gamma))
+
+
+@dataclass(frozen=True)
+class GreyCurve:
+    """v -> clip((v - low) / (high - low), 0, 1) ** gamma on grey levels as fractions (0 black, 1 white)."""
+
+    low: float = 0.0
+    high: float = 1.0
+    gamma: float = 1.0
+
+
+def apply_grey_curve(image: Image.Image, curve: GreyCurve) -> Image.Image:
+    """`image` (any band count) with every band's levels through `curve`."""
+    span = curve.high - curve.low
+    table = [round(255 * min(1.0, max(0.0, (level / 255 - curve.low) / span)) ** curve.gamma) for level in range(256)]
     return image.point(table * len(image.getbands()))
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
+from training.augment import GreyCurve, apply_grey_curve
 from training.evaluate_baseline import add_baselines
 from training.evaluate_figures import DEFAULT_EXAMPLES, FIGURE_FILES, remove_examples, write_figures
 from training.evaluate_report import REPORT_FILES, write_reports
@@ -40,7 +41,7 @@ RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 TEST_SUFFIX = "_test.json"
 # run.json keys that must match for saved predictions to be reused (the prepared folder may move).
-_SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts")
+_SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts", "grey_curve")
 _DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
 _YES_NO_KEYS = ("q_id", "image", "answer")
 
@@ -158,19 +159,22 @@ def _drop_broken_lines(path: Path, records: dict[int, dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _load_rgb(prepared: Path, entry: dict[str, Any]):
+def _load_rgb(prepared: Path, entry: dict[str, Any], grey_curve: list[float] | None = None):
+    """[H, W, 3] uint8 of the entry's slice, as upstream's loader converts it (through `grey_curve` when given)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(Path(prepared) / entry["image"]) as image:
-        return np.asarray(image.convert("RGB"))  # [H, W, 3] uint8, as upstream's loader converts
+        rgb = image.convert("RGB")
+    return np.asarray(apply_grey_curve(rgb, GreyCurve(*grey_curve)) if grey_curve else rgb)
 
 
 def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_tokens: int = 20,
                  constrain_boxes: bool = False, progress: Progress | None = None,
-                 yes_no_prompt: str | None = None) -> int:
+                 yes_no_prompt: str | None = None, grey_curve: list[float] | None = None) -> int:
     """Answer the entries of `task` that have no saved answer yet, one engine batch at a time; return how many.
-    yes_no_prompt: ask yes/no entries this instead of upstream's evaluation prompt."""
+    yes_no_prompt: ask yes/no entries this instead of upstream's evaluation prompt; grey_curve: [low, high,
+    gamma] of `training.augment.GreyCurve`, applied to every slice first (another scanner's contrast)."""
     path = predictions_path(out, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     done, broken = read_predictions(path)
@@ -183,7 +187,7 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
         batch = pending[begin: begin + engine.batch_size]
         questions = [yes_no_prompt if yes_no_prompt and task.kind == "yes_no" else entry_prompt(task, entry)
                      for entry in batch]
-        results = engine.run_rgb([_load_rgb(prepared, entry) for entry in batch], questions,
+        results = engine.run_rgb([_load_rgb(prepared, entry, grey_curve) for entry in batch], questions,
                                  max_new_tokens=max_new_tokens,
                                  constrain_boxes=constrain_boxes and task.kind == "detection")
         _append(path, [{"q_id": entry["q_id"], "image": entry["image"], "prompt": question, "answer": result.answer,
@@ -200,11 +204,13 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
 # ------------------------------------------------------------------------------------------------- the run
 
 def run_settings(model_id: str, model_description: str, prepared: Path, *, max_new_tokens: int = 20,
-                 constrain_boxes: bool = False, **details: Any) -> dict[str, Any]:
+                 constrain_boxes: bool = False, grey_curve: GreyCurve | None = None,
+                 **details: Any) -> dict[str, Any]:
     """The run.json record. model_id identifies the weights (e.g. the model folder's tensors sha256)."""
     return {"command": COMMAND_NAME, "model_id": model_id, "model": model_description,
             "prepared": str(Path(prepared).absolute()), "max_new_tokens": max_new_tokens,
-            "constrain_boxes": constrain_boxes, "prompts": prompts_used(), **details}
+            "constrain_boxes": constrain_boxes, "prompts": prompts_used(),
+            "grey_curve": [grey_curve.low, grey_curve.high, grey_curve.gamma] if grey_curve else None, **details}
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
@@ -261,7 +267,8 @@ def evaluate(engine, prepared: Path, out: Path, settings: dict[str, Any], tasks:
     start_run(out, settings, force)
     for task in task_sets:
         predict_task(engine, prepared, out, task, max_new_tokens=settings["max_new_tokens"],
-                     constrain_boxes=settings["constrain_boxes"], progress=progress)
+                     constrain_boxes=settings["constrain_boxes"], progress=progress,
+                     grey_curve=settings.get("grey_curve"))
     return _score_and_report(out, Path(prepared), task_sets, settings, examples)
 
 

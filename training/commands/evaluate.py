@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constrain-boxes", action="store_true",
                         help="detection answers may only be one box (upstream did not constrain them)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N entries of each task (smoke runs)")
+    parser.add_argument("--grey-curve", metavar="LOW,HIGH,GAMMA",
+                        help="pass every slice through v -> clip((v - LOW) / (HIGH - LOW)) ** GAMMA (grey levels 0-1) "
+                             "first, to see how the model copes with another scanner's contrast; e.g. 0,1,1.5 darkens "
+                             "soft tissue, -0.2,1.2,1 flattens contrast (default: the slices as they are)")
     parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, metavar="N",
                         help="example overlays per detection task in examples/, best to worst IoU (default "
                              "%(default)s; 0: none)")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     model_id, description, name = _model_identity(args)
     out = args.out or Path(f"evaluation-{name}")
     settings = run_settings(model_id, description, args.prepared, max_new_tokens=args.max_new_tokens,
-                            constrain_boxes=args.constrain_boxes)
+                            constrain_boxes=args.constrain_boxes, grey_curve=_grey_curve(args.grey_curve))
     # Everything cheap is checked before the model loads: a typo should not cost minutes.
     resolve_tasks(args.prepared, tasks, args.limit, check_images=True)
     check_run_folder(out, settings, args.force)
@@ -72,6 +76,22 @@ def run(args: argparse.Namespace) -> int:
                            progress=progress, examples=args.examples)
     _print_summary(metrics, out)
     return 0
+
+
+def _grey_curve(text: str | None):
+    """The --grey-curve option as a GreyCurve (None when not given); a one-line error when malformed."""
+    from training.augment import GreyCurve
+    from training.evaluate_tasks import EvaluateError
+
+    if text is None:
+        return None
+    try:
+        low, high, gamma = (float(value) for value in text.split(","))
+    except ValueError:
+        raise EvaluateError(f"--grey-curve takes three numbers LOW,HIGH,GAMMA (e.g. 0,1,1.5), got {text!r}.") from None
+    if not (-1 <= low < high <= 2 and 0.1 <= gamma <= 10):
+        raise EvaluateError(f"--grey-curve {text}: need -1 <= LOW < HIGH <= 2 and 0.1 <= GAMMA <= 10.")
+    return GreyCurve(low, high, gamma)
 
 
 def _model_identity(args: argparse.Namespace) -> tuple[str, str, str]:
