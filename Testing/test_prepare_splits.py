@@ -121,6 +121,16 @@ def test_detection_sets_use_the_strict_threshold_on_rounded_ratios_and_balance_w
     assert again.finish() == tasks  # seeded
 
 
+def test_the_test_split_can_keep_every_slice_with_the_structure_while_training_keeps_the_large_ones():
+    builder = TaskBuilder(threshold=0.6, seed=42, test_threshold=0.0)
+    builder.add_volume("msd", "pancreas_001", "train", _msd_volume("pancreas_001"))
+    builder.add_volume("msd", "pancreas_002", "test", _msd_volume("pancreas_002"))
+    tasks = builder.finish()
+    assert [e["slice_index"] for e in tasks["pancreas_detection_msd"]["train"]] == [0, 2]
+    assert [e["slice_index"] for e in tasks["pancreas_detection_msd"]["test"]] == [0, 1, 2, 3]  # the strict protocol
+    assert [e["slice_index"] for e in tasks["tumor_detection_msd"]["test"]] == [0, 2]
+
+
 def test_tumour_classification_fixed_uses_one_volume_for_both_answers_and_upstream_mixes_hospitals():
     builder = TaskBuilder(threshold=0.6, seed=42)
     for n in (1, 2):

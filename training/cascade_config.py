@@ -86,7 +86,8 @@ class CascadeConfig:
 
 
 # `prepare` options a synthetic cascade may set (training/prepare/command.py documents them)
-PREPARE_KEYS = ("seed", "test_ratio", "val_ratio", "threshold", "duplicates", "organ_balance", "workers")
+PREPARE_KEYS = ("seed", "test_ratio", "val_ratio", "threshold", "test_threshold", "duplicates", "organ_balance",
+                "workers")
 _TOP_KEYS = {"description", "output_dir", "data", "fit", "stages", "final", "evaluate", "export"}
 _STAGE_KEYS = {"name", "start", "datasets", "fit", "select"}
 

@@ -7,7 +7,7 @@ as one line by the command runner; 130 interrupted (finished volumes are kept: r
 Config file (JSON) for `--all`, every key optional except "roots"; relative paths are relative to the file:
     {"roots": {"nih": "Pancreas-CT", "msd": "Task07_Pancreas", "abdomenct1k": "AbdomenCT-1K"},
      "out": "prepared", "seed": 42, "test_ratio": 0.2, "val_ratio": 0.0, "threshold": 0.6,
-     "intensity": "window", "label_geometry": "check", "duplicates": "same-split", "organ_balance": true,
+     "test_threshold": 0.0, "intensity": "window", "label_geometry": "check", "duplicates": "same-split", "organ_balance": true,
      "summary_thresholds": [0.2, 0.4, 0.6, 0.8], "workers": 4}
 Command-line options override the config.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 from training.prepare.files import DATASETS, PrepareError
 
-_CONFIG_KEYS = ("roots", "out", "seed", "test_ratio", "val_ratio", "threshold", "intensity", "label_geometry",
-                "duplicates", "organ_balance", "summary_thresholds", "workers")
+_CONFIG_KEYS = ("roots", "out", "seed", "test_ratio", "val_ratio", "threshold", "test_threshold", "intensity",
+                "label_geometry", "duplicates", "organ_balance", "summary_thresholds", "workers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="check (default): refuse labels not on the CT's voxel grid; image: ignore the label's "
                      "geometry and take its voxel [k, j, i] as the CT's (DICOM slices in position order)")
     how.add_argument("--threshold", type=float, help="keep slices whose box ratio is > this (default 0.6)")
+    how.add_argument("--test-threshold", type=float,
+                     help="the test files' threshold (default: --threshold); 0 scores every slice with the structure")
     how.add_argument("--test-ratio", type=float, help="fraction of each dataset's volumes held out (default 0.2)")
     how.add_argument("--val-ratio", type=float,
                      help="fraction of each dataset's volumes taken from train for tasks/*_val.json, on which the "
@@ -78,7 +80,8 @@ def _quiet_echo(line: str) -> None:
 
 
 # Option name -> its type, for values that come from the JSON config (argparse types the command line).
-_OPTION_TYPES = {"seed": int, "test_ratio": float, "val_ratio": float, "threshold": float, "duplicates": str,
+_OPTION_TYPES = {"seed": int, "test_ratio": float, "val_ratio": float, "threshold": float,
+                 "test_threshold": float, "duplicates": str,
                  "organ_balance": bool, "workers": int, "intensity": str, "label_geometry": str}
 
 

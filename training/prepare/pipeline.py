@@ -47,6 +47,7 @@ class PrepareOptions:
     out: str
     settings: VolumeSettings = field(default_factory=VolumeSettings)
     threshold: float = 0.6
+    test_threshold: float | None = None  # the test files' own threshold; None: the same as `threshold`
     test_ratio: float = 0.2
     val_ratio: float = 0.0  # held-out TRAINING volumes for picking epochs; 0 writes no val split at all
     seed: int = 42
@@ -105,6 +106,8 @@ def _check_options(options: PrepareOptions) -> None:
         raise PrepareError(f"Unknown dataset(s) {', '.join(unknown)}; use {', '.join(DATASETS)}.")
     checks = [
         (0.0 <= options.threshold < 1.0, f"--threshold must be in [0, 1), got {options.threshold}"),
+        (options.test_threshold is None or 0.0 <= options.test_threshold < 1.0,
+         f"--test-threshold must be in [0, 1), got {options.test_threshold}"),
         (0.0 <= options.test_ratio < 1.0, f"--test-ratio must be in [0, 1), got {options.test_ratio}"),
         (options.val_ratio >= 0.0 and options.test_ratio + options.val_ratio < 1.0,
          f"--val-ratio must be >= 0 and leave volumes to train on (--test-ratio + --val-ratio < 1), got "
@@ -206,7 +209,8 @@ def _finalise(out: Path, options: PrepareOptions, echo: Callable[[str], None], n
             echo(f"warning: {len(moved)} volumes changed split since the last run ({', '.join(moved[:3])}...): "
                  "models trained on the old split must not be validated or evaluated on the new one.")
     split = split_of(document)
-    builder = TaskBuilder(options.threshold, options.seed, options.organ_balance, split_names(options.val_ratio))
+    builder = TaskBuilder(options.threshold, options.seed, options.organ_balance, split_names(options.val_ratio),
+                          options.test_threshold)
     counter = SliceCounter(options.summary_thresholds)
     next_id = {dataset: 1 for dataset in DATASETS}
     slices_info: dict[str, list[dict[str, Any]]] = {dataset: [] for dataset in DATASETS}
@@ -257,6 +261,8 @@ def _numbered_records(out: Path, dataset: str, volume: str, first_id: int) -> li
 def _options_json(options: PrepareOptions) -> dict[str, Any]:
     # val_ratio only when used, so that a run without val writes the summary it always did
     val = {"val_ratio": options.val_ratio} if options.val_ratio > 0 else {}
+    test = {} if options.test_threshold is None else {"test_threshold": options.test_threshold}
     return {"roots": options.roots, "out": options.out, **asdict(options.settings), "threshold": options.threshold,
+            **test,
             "test_ratio": options.test_ratio, **val, "seed": options.seed, "duplicates": options.duplicates,
             "organ_balance": options.organ_balance, "summary_thresholds": list(options.summary_thresholds)}

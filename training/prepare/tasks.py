@@ -7,7 +7,8 @@ the task the stage trains on; val volumes appear in no train or test file.
 Each entry is the slice's record (upstream's keys and ours) plus `task`, `image` (PNG path relative to OUT),
 `answer` (the training target) and `q_id` (1..n per file); detection entries add `phrase` and `bbox`.
 A slice is selected when its box ratio is strictly greater than `threshold` (upstream's 0.6 rule on the
-2-decimal ratio). Every random choice uses `random.Random` seeded with (seed, task, volume or split).
+2-decimal ratio); the test files may use their own `test_threshold` (0: every slice with the structure, the strict
+protocol), so that a model trained on large cross-sections is still scored on the small end slices a user meets. Every random choice uses `random.Random` seeded with (seed, task, volume or split).
 
 - `pancreas_detection_{nih,msd}`, `tumor_detection_msd`: upstream's refer sets; answer `{<x1><y1><x2><y2>}`.
 - `*_balanced_*`: per volume, the selected slices plus as many randomly drawn slices without the structure
@@ -51,8 +52,9 @@ class TaskBuilder:
     """Collects task entries volume by volume (records need not all fit in memory at once)."""
 
     def __init__(self, threshold: float, seed: int, organ_balance: bool = True,
-                 splits: tuple[str, ...] = ("train", "test")) -> None:
+                 splits: tuple[str, ...] = ("train", "test"), test_threshold: float | None = None) -> None:
         self.threshold, self.seed, self.organ_balance = threshold, seed, organ_balance
+        self.test_threshold = threshold if test_threshold is None else test_threshold
         self.splits = splits  # every task gets one file per split, even an empty one
         self.entries: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.tc_candidates: dict[str, list[dict[str, Any]]] = {}  # split: records, paired in finish()
@@ -88,11 +90,14 @@ class TaskBuilder:
         by_split = self.entries.setdefault(task, {name: [] for name in self.splits})
         by_split[split].extend(entries)
 
+    def _threshold(self, split: str) -> float:
+        return self.test_threshold if split == "test" else self.threshold
+
     def _rng(self, *parts: str) -> random.Random:
         return random.Random("/".join([str(self.seed), *parts]))
 
     def _detection(self, task: str, target: str, split: str, records: list[dict], volume: str) -> None:
-        positives = [r for r in records if r[f"{target}_bbox_ratio"] > self.threshold]
+        positives = [r for r in records if r[f"{target}_bbox_ratio"] > self._threshold(split)]
         self._add(task, split, [_detection_entry(r, task, target) for r in positives])
         balanced = task.replace("_detection", "_detection_balanced")
         absent = [r for r in records if r[f"pixels_{target}"] == 0] if positives else []
@@ -102,7 +107,7 @@ class TaskBuilder:
 
     def _tumor_classification(self, split: str, records: list[dict]) -> None:
         # One selection rule for both answers; the pairing across the split's volumes happens in finish().
-        candidates = [r for r in records if r["pancreas_bbox_ratio"] > self.threshold]
+        candidates = [r for r in records if r["pancreas_bbox_ratio"] > self._threshold(split)]
         self.tc_candidates.setdefault(split, []).extend(with_pancreas_level(records, candidates))
         self._add(TC, split, [])  # the task's files exist even when no pair is found
 
@@ -118,7 +123,7 @@ class TaskBuilder:
         entries = []
         for r in records:
             for organ in ABD_ORGANS:
-                if r[f"{organ}_bbox_ratio"] > self.threshold:
+                if r[f"{organ}_bbox_ratio"] > self._threshold(split):
                     entry = {key: r[key] for key in _ABD_KEYS}
                     entry.update(task="multi_organ_abdomenct1k", organ=organ, phrase=organ,
                                  pixels=r[f"pixels_{organ}"], pixels_ratio=r[f"{organ}_pixels_ratio"],
