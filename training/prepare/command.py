@@ -6,8 +6,8 @@ as one line by the command runner; 130 interrupted (finished volumes are kept: r
 
 Config file (JSON) for `--all`, every key optional except "roots"; relative paths are relative to the file:
     {"roots": {"nih": "Pancreas-CT", "msd": "Task07_Pancreas", "abdomenct1k": "AbdomenCT-1K"},
-     "out": "prepared", "seed": 42, "test_ratio": 0.2, "val_ratio": 0.0, "threshold": 0.6,
-     "test_threshold": 0.0, "intensity": "window", "label_geometry": "check", "duplicates": "same-split", "organ_balance": true,
+     "out": "prepared", "seed": 42, "test_ratio": 0.2, "val_ratio": 0.0, "threshold": 0.6, "test_threshold": 0.0,
+     "intensity": "window", "label_geometry": "check", "duplicates": "same-split", "organ_balance": true,
      "summary_thresholds": [0.2, 0.4, 0.6, 0.8], "workers": 4}
 Command-line options override the config.
 """

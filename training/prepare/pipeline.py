@@ -259,10 +259,9 @@ def _numbered_records(out: Path, dataset: str, volume: str, first_id: int) -> li
 
 
 def _options_json(options: PrepareOptions) -> dict[str, Any]:
-    # val_ratio only when used, so that a run without val writes the summary it always did
+    # val_ratio and test_threshold only when used, so that a run without them writes the summary it always did
     val = {"val_ratio": options.val_ratio} if options.val_ratio > 0 else {}
     test = {} if options.test_threshold is None else {"test_threshold": options.test_threshold}
     return {"roots": options.roots, "out": options.out, **asdict(options.settings), "threshold": options.threshold,
-            **test,
-            "test_ratio": options.test_ratio, **val, "seed": options.seed, "duplicates": options.duplicates,
+            **test, "test_ratio": options.test_ratio, **val, "seed": options.seed, "duplicates": options.duplicates,
             "organ_balance": options.organ_balance, "summary_thresholds": list(options.summary_thresholds)}

@@ -8,7 +8,8 @@ Each entry is the slice's record (upstream's keys and ours) plus `task`, `image`
 `answer` (the training target) and `q_id` (1..n per file); detection entries add `phrase` and `bbox`.
 A slice is selected when its box ratio is strictly greater than `threshold` (upstream's 0.6 rule on the
 2-decimal ratio); the test files may use their own `test_threshold` (0: every slice with the structure, the strict
-protocol), so that a model trained on large cross-sections is still scored on the small end slices a user meets. Every random choice uses `random.Random` seeded with (seed, task, volume or split).
+protocol), so that a model trained on large cross-sections is still scored on the small end slices a user meets.
+Every random choice uses `random.Random` seeded with (seed, task, volume or split).
 
 - `pancreas_detection_{nih,msd}`, `tumor_detection_msd`: upstream's refer sets; answer `{<x1><y1><x2><y2>}`.
 - `*_balanced_*`: per volume, the selected slices plus as many randomly drawn slices without the structure
