@@ -150,6 +150,7 @@ def test_a_second_call_resumes_without_training_again(finished, capsys):
     (lambda c: c["stages"][0]["fit"].update(init_lrr=1), "did you mean 'init_lr'"),
     (lambda c: c["data"].update(prepared="x"), "exactly one of 'prepared'"),
     (lambda c: c["export"].update(halfbase=True), "did you mean 'half_base'"),
+    (lambda c: c["data"]["prepare"].update(test_threshold="0"), "data.prepare.test_threshold must be float"),
 ])
 def test_a_bad_cascade_file_is_refused_by_name(tmp_path, change, message):
     cascade = miniature(tmp_path)

@@ -42,6 +42,8 @@ from typing import Any
 
 from training.config import FitConfigError, _refuse_unknown, parse_config
 from training.demo_data import DATASET_ORDER, PhantomDatasets
+from training.prepare.command import typed_option
+from training.prepare.files import PrepareError
 
 
 class CascadeConfigError(FitConfigError):
@@ -145,6 +147,10 @@ def _data(data: Any, base: Path, output_dir: Path, file: Path) -> tuple[Path, Ph
     counts["coarsen"] = float(coarsen)
     prepare = _object(data.get("prepare", {}), f"{file}: data.prepare")
     _refuse_unknown(prepare, set(PREPARE_KEYS), f"{file}: data.prepare")
+    try:  # typed as `prepare` types its own config file, so a wrong type fails here, before any phantom is drawn
+        prepare = {key: typed_option(key, value) for key, value in prepare.items()}
+    except PrepareError as error:
+        raise CascadeConfigError(f"{file}: data.prepare.{error}") from None
     return output_dir / "prepared", PhantomDatasets(**counts), prepare
 
 

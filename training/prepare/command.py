@@ -108,6 +108,11 @@ def build_options(args: argparse.Namespace):
                           progress=not args.quiet and sys.stderr.isatty(), **chosen)
 
 
+def typed_option(key: str, value: Any) -> Any:
+    """A config value of option `key` as its type, or a `PrepareError` naming the option."""
+    return _typed(key, value, _OPTION_TYPES[key])
+
+
 def _typed(key: str, value: Any, kind: type) -> Any:
     """`value` as `kind`, or a `PrepareError` naming the option (bool is not accepted as a number)."""
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
