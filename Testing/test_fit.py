@@ -231,6 +231,32 @@ def test_examples_use_upstreams_prompt_pools_and_the_prepared_images(prepared):
     assert matches and batch.answers[0] == training_example(source.entries[matches[0]], random.Random())[1]
 
 
+
+def test_batches_decoded_ahead_are_the_batches_drawn_in_step_and_a_resume_continues_them(prepared):
+    config = parse_config({"output_dir": "o", "model": {"model_dir": "m"}, "augment": True,
+                           "datasets": [{"task_file": str(prepared / PANCREAS)}, {"task_file": str(prepared / TC)}]},
+                          prepared)
+
+    def loader(workers: int) -> TrainingData:
+        return TrainingData(config.datasets, batch_size=2, image_size=SIZE, seed=3, num_workers=workers,
+                            augment=config.augment)
+
+    def same(a, b) -> bool:
+        return (a.dataset, a.instructions, a.answers) == (b.dataset, b.instructions, b.answers) \
+            and torch.equal(a.pixels, b.pixels)
+
+    in_step, ahead = loader(0), loader(2)
+    for _ in range(3):
+        assert same(in_step.next_batch(), ahead.next_batch())
+    resumed = loader(2)
+    resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))  # as a checkpoint stores it
+    for _ in range(3):
+        expected = in_step.next_batch()
+        assert same(expected, ahead.next_batch()) and same(expected, resumed.next_batch())
+    for data in (in_step, ahead, resumed):
+        data.close()
+
+
 # --------------------------------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("edit, message", [
