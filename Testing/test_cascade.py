@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from backend.model_dir import load_model, read_manifest
 from training.cascade_config import load_cascade
@@ -117,6 +118,9 @@ def test_stage_zero_loss_falls_and_trains_the_base(finished):
     assert_loss_falls(base)
     manifest = read_manifest(base / "model_epoch_1")
     assert manifest["base"]["vit_checkpoint"]["path"] == "base/eva_vit.pth"  # its own trained base, relative
+    lora_b = {name: tensor for name, tensor in load_file(base / "model_epoch_1" / manifest["tensors"]["file"]).items()
+              if ".lora_B." in name}
+    assert lora_b and all(not tensor.any() for tensor in lora_b.values())  # LoRA left without effect for stage 1
 
 
 def test_the_final_model_is_evaluated_and_exported_with_its_report(finished, tmp_path):

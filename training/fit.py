@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +87,7 @@ def build_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
             exempt = param.ndim < 2 or any(part in to_upstream_name(name) for part in ("bias", "ln", "bn"))
             (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel for every tensor; upstream's per-tensor update cost a 2-core CPU 27 ms a stage 0 step, this 7
-    return torch.optim.AdamW(groups, lr=cfg.init_lr, betas=cfg.betas, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.init_lr, betas=cfg.betas)
 
 
 def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
@@ -123,8 +122,7 @@ def fit(cfg: FitConfig, resume: bool = False, force: bool = False) -> FitResult:
 
     model.train()
     try:
-        # a recomputing (checkpointed) backward must use the forward's kernel
-        with attention_kernel(device), _without_frozen_lora(model, cfg.train):
+        with attention_kernel(device):  # a recomputing (checkpointed) backward must use the forward's kernel
             while step < cfg.last_step:
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
@@ -213,18 +211,6 @@ def attention_kernel(device: torch.device):
     """The attention kernel of a training step: on CPU the plain (math) one, because at the demo's short sequences
     the fused kernel's backward alone took a quarter of a stage 0 step (a step 10-20 % faster without it)."""
     return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else nullcontext()
-
-
-@contextmanager
-def _without_frozen_lora(model: MiniGPTv2, train: str):
-    """Stage 0 ("all") keeps LoRA frozen at B = 0, where it adds nothing to the output but costs its dropout and two
-    small matmuls per q/v projection (~5 % of a CPU stage 0 step): the stage runs with the adapters off."""
-    if train != "all":
-        yield
-        return
-    with model.llama_model.disable_adapter():
-        yield
-    _choose_trained_parameters(model, train)  # peft's re-enabling marks the LoRA matrices trainable again
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
