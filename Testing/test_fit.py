@@ -24,7 +24,7 @@ from tiny_upstream_models import build_tiny_upstream
 from training.cli import main
 from training.config import FitConfigError, load_config, parse_config
 from training.data import DataError, MultiTaskSampler, TaskDataset, TrainingData, training_example
-from training.fit import build_optimizer, fit, load_starting_model, lr_at
+from training.fit import build_optimizer, fit, load_starting_model, lr_at, slow_bfloat16_note
 
 SIZE = TinySizes().image_size
 QUESTIONS = ["[refer] give me the location of the pancreas", "[vqa] is there a tumor?"]
@@ -378,3 +378,14 @@ def test_two_processes_with_torchrun_train_and_save_once(upstream, prepared, tmp
     assert states[0]["data"]["prompt_rng"] != states[1]["data"]["prompt_rng"]  # each process its own stream
     assert len(logged_losses(out)) == 4
     load_model(out / "model_epoch_0")
+
+
+def test_bfloat16_on_a_cpu_without_native_bfloat16_is_named_as_slow(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpu = torch.device("cpu")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert "float32" in slow_bfloat16_note(torch.bfloat16, cpu, cpuinfo)
+    assert slow_bfloat16_note(torch.float32, cpu, cpuinfo) is None
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    assert slow_bfloat16_note(torch.bfloat16, cpu, cpuinfo) is None
+    assert slow_bfloat16_note(torch.bfloat16, cpu, tmp_path / "missing") is None
