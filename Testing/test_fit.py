@@ -231,7 +231,6 @@ def test_examples_use_upstreams_prompt_pools_and_the_prepared_images(prepared):
     assert matches and batch.answers[0] == training_example(source.entries[matches[0]], random.Random())[1]
 
 
-
 def test_batches_decoded_ahead_are_the_batches_drawn_in_step_and_a_resume_continues_them(prepared):
     config = parse_config({"output_dir": "o", "model": {"model_dir": "m"}, "augment": True,
                            "datasets": [{"task_file": str(prepared / PANCREAS)}, {"task_file": str(prepared / TC)}]},
