@@ -1,7 +1,9 @@
 """Synthetic abdominal CT phantoms (numpy only).
 
 A phantom is a patient built from analytic shapes in physical space (RAS millimetres, drawn from the seed by
-`phantom_anatomy`) and then sampled at the centre of every voxel of a grid. The grid can be stored in any
+`phantom_anatomy`: body wall, spine, liver, spleen, kidneys, pancreas and tumour, aorta, IVC, duodenum and bowel,
+and the unlabelled structures round the gland of `phantom_structures`: peripancreatic vessels, stomach, psoas,
+ribs, gallbladder, colon) and then sampled at the centre of every voxel of a grid. The grid can be stored in any
 axis-aligned orientation, with anisotropic spacing and any origin; because the anatomy lives in physical space,
 the same seed gives the same patient (same organs at the same millimetres) whatever the grid.
 `sample_scan_parameters(seed)` draws a realistic, varied grid for a seed (matrix, field of view, slice

@@ -1,9 +1,16 @@
 """The synthetic patient of `phantom`: analytic shapes in RAS mm and tissue HU, drawn from a seed (numpy only).
 
+What is drawn: skin, subcutaneous fat, the muscle wall and the abdominal cavity's fat; the vertebra and spinous
+process; the labelled organs (liver, spleen, both kidneys with cortex and medulla, the pancreas and its tumour);
+the aorta, the IVC, the duodenum and small-bowel loops of pancreas-like density beside the gland; and, unlabelled
+(`phantom_structures`), the splenic, superior mesenteric, portal and left renal veins, the SMA, the stomach, the
+psoas muscles, the lower ribs, the gallbladder and the colon.
+
 A demo model trained on these phantoms is checked on phantoms of another, unseen generator, so every seed draws
 a different patient as real abdominal CT differs: body size and position on the table, fat thickness, organ
 sizes and positions, the pancreas's length, thickness, tilt, curvature and turn, the tumour's size and whether
-it bulges out of the gland, bowel loops of pancreas-like density around it, and the contrast phase (tissue HU).
+it bulges out of the gland, bowel loops of pancreas-like density around it, the structures round the gland
+(vessel calibres and courses, the stomach's size and contents, ...), and the contrast phase (tissue HU).
 The draws depend on the seed only, never on the voxel grid, so one seed is one patient on any grid.
 
 RAS: +x = patient Right, +y = Anterior, +z = Superior (the liver, on the patient's right, has x > 0).
@@ -14,21 +21,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from SlicerMiniGPTPancreas.phantom_shapes import Anterior, Capsule, Ellipsoid, clear_of_pancreas
+from SlicerMiniGPTPancreas.phantom_structures import BowelLoop, Surroundings, draw_surroundings
+
 # AbdomenCT-1K organ ids, MSD Task07 label values, and the values of `Phantom.kidney_sides`.
 LIVER, KIDNEYS, SPLEEN, PANCREAS = 1, 2, 3, 4
 MSD_PANCREAS, MSD_TUMOUR = 1, 2
 KIDNEY_RIGHT, KIDNEY_LEFT = 1, 2
 
 # Per-patient range (low, high) of each tissue's mean HU. The contrast-enhanced tissues share one draw of the
-# contrast phase (early scans: bright aorta, late: bright liver), the others are drawn independently.
+# contrast phase (early scans: bright aorta, late: bright liver), the others are drawn independently. The tissues
+# after "tumour" were added later and are drawn after it, so that adding them kept every seed's earlier draws.
 TISSUE_HU = {
     "air": (-1000.0, -1000.0), "subcutaneous_fat": (-120.0, -80.0), "visceral_fat": (-110.0, -80.0),
     "muscle": (35.0, 65.0), "bone": (400.0, 900.0), "liver": (50.0, 120.0), "spleen": (60.0, 130.0),
     "kidney_cortex": (120.0, 250.0), "kidney_medulla": (30.0, 100.0), "aorta": (150.0, 350.0),
     "ivc": (80.0, 200.0), "duodenum": (20.0, 60.0), "bowel_gas": (-950.0, -850.0), "pancreas": (80.0, 140.0),
     "tumour": (20.0, 60.0),
+    "portal_vein": (90.0, 210.0), "stomach_wall": (30.0, 70.0), "gastric_fluid": (0.0, 20.0), "bile": (0.0, 20.0),
 }
-_ENHANCING = ("liver", "spleen", "kidney_cortex", "aorta", "ivc", "pancreas")
+_ENHANCING = ("liver", "spleen", "kidney_cortex", "aorta", "ivc", "pancreas", "portal_vein")
 TUMOUR_CONTRAST_HU = 25.0  # the mass is always at least this much darker than the gland (hypo-attenuating)
 BOWEL_HU = (20.0, 60.0)    # wall and contents of a loop, like unenhanced or early-phase pancreas confounders
 
@@ -36,53 +48,6 @@ PANCREAS_LENGTH_MM = 90.0               # nominal head-to-tail distance
 PANCREAS_RADII_MM = (16.0, 10.0, 8.0)   # nominal head, body, tail radii
 _PANCREAS_SAMPLES = 24                  # ellipsoids along the head -> body -> tail curve
 _BOUNDS_PAD_MM = 1e-3                   # so that cropping to a shape's box never drops a point on its surface
-
-
-@dataclass(frozen=True)
-class Ellipsoid:
-    """Axis-aligned ellipsoid in RAS mm; an infinite z semi-axis makes a vertical elliptic cylinder."""
-
-    centre: tuple[float, float, float]
-    semi: tuple[float, float, float]
-
-    def contains(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Boolean mask of the points (broadcast x, y, z in RAS mm) inside the ellipsoid."""
-        (cx, cy, cz), (a, b, c) = self.centre, self.semi
-        return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
-
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) RAS corners of the box around the shape."""
-        return np.subtract(self.centre, self.semi), np.add(self.centre, self.semi)
-
-
-@dataclass(frozen=True)
-class Capsule:
-    """The points within `radius` mm of the segment start-end (RAS mm): a bowel loop, a sphere if start == end."""
-
-    start: tuple[float, float, float]
-    end: tuple[float, float, float]
-    radius: float
-
-    def contains(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Boolean mask of the points (broadcast x, y, z in RAS mm) inside the capsule."""
-        (sx, sy, sz), (dx, dy, dz) = self.start, np.subtract(self.end, self.start)
-        length2 = max(dx * dx + dy * dy + dz * dz, 1e-12)
-        t = np.clip(((x - sx) * dx + (y - sy) * dy + (z - sz) * dz) / length2, 0.0, 1.0)  # nearest segment point
-        return (x - sx - t * dx) ** 2 + (y - sy - t * dy) ** 2 + (z - sz - t * dz) ** 2 <= self.radius ** 2
-
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) RAS corners of the box around the shape."""
-        ends = np.array([self.start, self.end])
-        return ends.min(0) - self.radius, ends.max(0) + self.radius
-
-
-@dataclass(frozen=True)
-class BowelLoop:
-    """A loop of small bowel or colon beside the pancreas (label 0 everywhere), optionally with a gas core."""
-
-    wall: Capsule
-    hu: float           # wall and fluid contents
-    gas: Capsule | None  # same axis, thinner; None for a collapsed or fluid-filled loop
 
 
 @dataclass(frozen=True)
@@ -104,6 +69,7 @@ class Anatomy:
     pancreas: tuple[Ellipsoid, ...]  # Ellipsoids from head (patient right) through body to tail (toward the spleen)
     tumour: Ellipsoid   # clipped to the pancreas when rendered
     hu: dict[str, float]  # tissue name -> HU, drawn per patient within TISSUE_HU
+    surroundings: Surroundings  # the unlabelled vessels, stomach, psoas, ribs, gallbladder and colon
 
 
 @dataclass(frozen=True)
@@ -139,11 +105,12 @@ def draw_anatomy(seed: int, centre_ras: np.ndarray) -> Anatomy:
     tumour = _draw_tumour(rng, head, body, tail, radii)
     hu = _draw_hu(rng)
     (ai, bi), inf = torso.cavity, np.inf
+    cavity = Ellipsoid(torso.at(0, 0, 0), (ai, bi, inf))
+    surroundings = draw_surroundings(rng, cavity, torso.wall, organs, organs["kidneys"][KIDNEY_LEFT][0], curve, radius)
     return Anatomy(
         body=Ellipsoid(torso.at(0, 0, 0), (torso.half_width, torso.half_depth, inf)),
         muscle=Ellipsoid(torso.at(0, 0, 0), (torso.half_width - torso.fat, torso.half_depth - torso.fat, inf)),
-        cavity=Ellipsoid(torso.at(0, 0, 0), (ai, bi, inf)),
-        duodenum=duodenum, bowel=bowel, tumour=tumour, hu=hu,
+        cavity=cavity, duodenum=duodenum, bowel=bowel, tumour=tumour, hu=hu, surroundings=surroundings,
         pancreas=tuple(Ellipsoid(tuple(c), (r, r, 0.8 * r)) for c, r in zip(curve, radius)),
         **organs,
     )
@@ -259,23 +226,11 @@ def _draw_bowel(rng: np.random.Generator, curve: np.ndarray, radius: np.ndarray,
         centre = anchor + out * (anchor_radius + loop_radius + rng.uniform(1.0, 6.0))
         axis = rng.normal(size=3)
         half = axis / np.linalg.norm(axis) * rng.uniform(0.0, 30.0)  # 0: a round loop seen end-on
-        wall = _clear_of_pancreas(Capsule(tuple(centre - half), tuple(centre + half), loop_radius), out, curve, radius)
+        (wall,) = clear_of_pancreas((Capsule(tuple(centre - half), tuple(centre + half), loop_radius),), out, curve,
+                                    radius)
         gas = Capsule(wall.start, wall.end, loop_radius * rng.uniform(0.3, 0.6)) if rng.random() < 0.4 else None
         loops.append(BowelLoop(wall, float(rng.uniform(*BOWEL_HU)), gas))
     return tuple(loops)
-
-
-def _clear_of_pancreas(loop: Capsule, out: np.ndarray, curve: np.ndarray, radius: np.ndarray) -> Capsule:
-    """Move the loop along `out` in 2 mm steps until it is at least 1 mm off every pancreas sample."""
-    for _ in range(60):
-        start, end = np.array(loop.start), np.array(loop.end)
-        span = end - start
-        t = np.clip((curve - start) @ span / max(span @ span, 1e-12), 0.0, 1.0)[:, None]
-        gap = np.linalg.norm(curve - (start + t * span), axis=1) - radius - loop.radius
-        if gap.min() >= 1.0:
-            break
-        loop = Capsule(tuple(start + 2.0 * out), tuple(end + 2.0 * out), loop.radius)
-    return loop
 
 
 def _draw_hu(rng: np.random.Generator) -> dict[str, float]:
@@ -285,8 +240,8 @@ def _draw_hu(rng: np.random.Generator) -> dict[str, float]:
     for name, (low, high) in TISSUE_HU.items():
         level = np.clip(phase + rng.uniform(-0.3, 0.3), 0.0, 1.0) if name in _ENHANCING else rng.uniform()
         hu[name] = float(low + (high - low) * level)
-    low, high = TISSUE_HU["tumour"]
-    hu["tumour"] = float(rng.uniform(low, min(high, hu["pancreas"] - TUMOUR_CONTRAST_HU)))
+        if name == "tumour":
+            hu["tumour"] = float(rng.uniform(low, min(high, hu["pancreas"] - TUMOUR_CONTRAST_HU)))
     return hu
 
 
@@ -300,13 +255,25 @@ def render_anatomy(anatomy: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray
     canvas.paint(anatomy.body, hu["subcutaneous_fat"])
     canvas.paint(anatomy.muscle, hu["muscle"])
     canvas.paint(cavity, hu["visceral_fat"])
-    # Bowel before the organs and vessels: where a loop touches them, the labelled organ keeps its voxels.
-    for loop in anatomy.bowel:
-        canvas.paint(loop.wall, loop.hu, within=cavity)
-        if loop.gas is not None:
-            canvas.paint(loop.gas, hu["bowel_gas"], within=cavity)
+    around = anatomy.surroundings
+    _paint_tubes(canvas, around.ribs, hu)  # in the muscle wall, outside the cavity
+    # Everything unlabelled before the organs and vessels: where it touches them, the labelled organ keeps its
+    # voxels. The colon and gallbladder before the small bowel, which lies over them; the stomach after it.
+    _paint_loops(canvas, around.colon, hu, cavity)
+    if around.gallbladder is not None:
+        canvas.paint(around.gallbladder, hu["bile"], within=cavity)
+    _paint_loops(canvas, anatomy.bowel, hu, cavity)
+    stomach = around.stomach
+    for part in stomach.wall:
+        canvas.paint(part, hu["stomach_wall"], within=cavity)
+    for part in stomach.lumen:
+        canvas.paint(part, hu["gastric_fluid"], within=cavity)
+        if stomach.air_level < np.inf:
+            canvas.paint(Anterior(part, stomach.air_level), hu["bowel_gas"], within=cavity)
+    _paint_tubes(canvas, around.psoas, hu)
     canvas.paint(anatomy.vertebra, hu["bone"])
     canvas.paint(anatomy.spinous, hu["bone"])
+    _paint_tubes(canvas, around.vessels, hu, within=cavity)
     canvas.paint(anatomy.liver, hu["liver"], LIVER, within=cavity)
     canvas.paint(anatomy.spleen, hu["spleen"], SPLEEN, within=cavity)
     for side, (cortex, medulla) in anatomy.kidneys.items():
@@ -320,6 +287,19 @@ def render_anatomy(anatomy: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray
     if tumour:  # only over the gland just painted: the mass never leaves the pancreas
         canvas.paint(anatomy.tumour, hu["tumour"], PANCREAS, label=MSD_TUMOUR, only_label=MSD_PANCREAS)
     return canvas.hu, canvas.labels, canvas.organs, canvas.sides
+
+
+def _paint_loops(canvas: _Canvas, loops, hu: dict[str, float], cavity: Ellipsoid) -> None:
+    for loop in loops:
+        canvas.paint(loop.wall, loop.hu, within=cavity)
+        if loop.gas is not None:
+            canvas.paint(loop.gas, hu["bowel_gas"], within=cavity)
+
+
+def _paint_tubes(canvas: _Canvas, tubes, hu: dict[str, float], within=None) -> None:
+    for tube in tubes:
+        for segment in tube.segments:
+            canvas.paint(segment, hu[tube.tissue], within=within)
 
 
 class _Canvas:

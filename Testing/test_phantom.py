@@ -300,7 +300,9 @@ def test_rendered_bowel_is_unlabelled_beside_but_never_over_the_pancreas(seed):
     gas = union(loop.gas for loop in anatomy.bowel if loop.gas is not None)
     gland = union(anatomy.pancreas)
     assert not (bowel & gland).any()
-    visible = bowel & (phantom.organs == 0)  # loops the organs do not overlap
+    around = anatomy.surroundings  # the unlabelled structures painted over the loops
+    over = union([*around.stomach.wall, *(s for tube in around.vessels + around.psoas for s in tube.segments)])
+    visible = bowel & (phantom.organs == 0) & ~over  # loops the organs, stomach, psoas and vessels do not overlap
     assert visible.sum() > 20
     for label_map in (phantom.labels, phantom.organs, phantom.kidney_sides):
         assert not label_map[visible].any()
@@ -311,6 +313,58 @@ def test_rendered_bowel_is_unlabelled_beside_but_never_over_the_pancreas(seed):
     for shift in ((0, 0, 2), (0, 0, -2), (0, 2, 0), (0, -2, 0), (1, 0, 0), (-1, 0, 0)):
         near |= np.roll(gland, shift, axis=(0, 1, 2))
     assert (near & visible).any()
+
+
+def test_vessels_stomach_and_psoas_lie_round_the_pancreas_as_on_ct():
+    for p in PATIENTS:
+        gland = np.array([part.centre for part in p.pancreas])
+        size = np.array([part.semi[0] for part in p.pancreas])
+        vessels = {tube.name: tube.segments for tube in p.surroundings.vessels}
+        splenic = np.array([segment.start for segment in vessels["splenic_vein"]])  # neck to tail (hilum left out)
+        nearest = np.argmin(np.linalg.norm(splenic[:, None] - gland[None], axis=2), axis=1)
+        assert np.all(splenic[:, 1] < gland[nearest, 1])  # behind the gland...
+        assert np.all(np.linalg.norm(splenic - gland[nearest], axis=1) - size[nearest] < 10)  # ...along its surface
+        front = p.aorta.centre[1] + p.aorta.semi[1]
+        sma, smv, renal = vessels["sma"], vessels["smv"], vessels["left_renal_vein"]
+        assert sma[1].start[1] > front and smv[1].start[0] > sma[1].start[0] + 3  # SMA before the aorta, SMV right
+        assert max(sma[-1].end[2], smv[-1].end[2]) < gland[:, 2].min() - 20  # both run on below the gland
+        assert front < renal[1].start[1] < sma[1].start[1]  # the left renal vein passes between aorta and SMA
+        kidney = p.kidneys[KIDNEY_LEFT][0]
+        assert abs(renal[1].start[2] - kidney.centre[2]) < kidney.semi[2]  # at a kidney level
+        stomach = p.surroundings.stomach.wall
+        body = np.array(stomach[1].end)  # fundus -> body segment
+        beside = np.argmin(np.linalg.norm(gland - body, axis=1))
+        assert body[1] > gland[beside, 1] and body[0] < gland[0, 0]  # in front of the gland, left of its head
+        assert stomach[0].start[2] > gland[-1, 2]  # the fundus lies above the tail
+        right, left = (tube.segments[0].start[0] for tube in p.surroundings.psoas)
+        assert right > p.vertebra.centre[0] + p.vertebra.semi[0] > p.vertebra.centre[0] - p.vertebra.semi[0] > left
+    contents = [p.surroundings.stomach.air_level for p in PATIENTS]
+    assert np.isposinf(contents).any() and np.isneginf(contents).any() and np.isfinite(contents).any()
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_structures_round_the_pancreas_show_but_never_change_a_label(seed):
+    from dataclasses import replace
+
+    from SlicerMiniGPTPancreas.phantom_anatomy import render_anatomy
+    from SlicerMiniGPTPancreas.phantom_structures import Stomach, Surroundings
+
+    phantom = make_phantom(seed, noise_hu=0)
+    k, j, i = np.indices(phantom.shape)
+    x, y, z = (c.reshape(phantom.shape) for c in phantom.ijk_to_ras_points(np.stack([i, j, k], -1).reshape(-1, 3)).T)
+    bare = replace(phantom.anatomy, surroundings=Surroundings((), Stomach((), (), np.inf), (), (), None, ()))
+    hu, labels, organs, sides = render_anatomy(bare, x, y, z)
+    for drawn, without in ((phantom.labels, labels), (phantom.organs, organs), (phantom.kidney_sides, sides)):
+        np.testing.assert_array_equal(drawn, without)  # same pancreas, tumour and organs, voxel for voxel
+    changed = np.rint(hu) != phantom.hu
+    gland = phantom.labels > 0
+    assert not changed[gland].any() and changed.mean() > 0.02
+    # Enhancing veins along the back of the gland: within 6 mm behind some pancreas voxel, in a slice of it.
+    portal = phantom.hu == np.rint(phantom.anatomy.hu["portal_vein"])
+    behind = np.zeros_like(gland)
+    for step in range(1, 3):  # 2 rows of 3 mm, posterior is +j in LPS storage
+        behind[:, step:] |= gland[:, :-step]
+    assert (portal & behind & ~gland).sum() >= 3
 
 
 def spacing_along_patient_axes(scan) -> np.ndarray:

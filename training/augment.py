@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -44,25 +45,27 @@ class Augmentation:
     gamma: tuple[float, float] = (0.67, 1.5)
 
 
-def augment_example(image: Image.Image, answer: str, settings: Augmentation,
-                    rng: random.Random) -> tuple[Image.Image, str]:
-    """(image, answer) zoomed and shifted together; unchanged when no draw keeps every box inside."""
-    parsed = grammar.parse_answer(answer)
-    if parsed.kind not in ("boxes", "yes_no"):
-        return image, answer
+def augment_example(image: Image.Image, answers: Sequence[str], settings: Augmentation,
+                    rng: random.Random) -> tuple[Image.Image, list[str]]:
+    """(image, answers) zoomed and shifted together: the trained answer and any other boxes of the same slice (the
+    patch-grounding targets) move under one draw; unchanged when no draw keeps every box inside."""
+    parsed = [grammar.parse_answer(answer) for answer in answers]
+    if any(p.kind not in ("boxes", "yes_no") for p in parsed):
+        return image, list(answers)
     width, height = image.size
-    boxes = [grammar.grid_to_pixels(box, width, height) for box in parsed.grid_boxes if not box.is_absent]
+    boxes = [[grammar.grid_to_pixels(box, width, height) for box in p.grid_boxes if not box.is_absent]
+             for p in parsed]
     for _ in range(_TRIES):
         zoom = rng.uniform(*settings.zoom)
         shift = (rng.uniform(-settings.shift, settings.shift) * width,
                  rng.uniform(-settings.shift, settings.shift) * height)
-        moved = [_map_box(box, zoom, shift, width, height) for box in boxes]
-        if not all(_inside(box, width, height) for box in moved):
+        moved = [[_map_box(box, zoom, shift, width, height) for box in each] for each in boxes]
+        if not all(_inside(box, width, height) for each in moved for box in each):
             continue
-        rewritten = _rewrite(answer, parsed, moved, width, height)
-        if rewritten is not None:
+        rewritten = [_rewrite(*args, width, height) for args in zip(answers, parsed, moved)]
+        if None not in rewritten:
             return _warp(image, zoom, shift), rewritten
-    return image, answer
+    return image, list(answers)
 
 
 def adjust_intensity(image: Image.Image, settings: Augmentation, rng: random.Random) -> Image.Image:

@@ -34,6 +34,7 @@ from backend.prompts import caption_text, sample_refer_instruction, sample_tc_in
 from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation, adjust_intensity, augment_example
 from training.config import DatasetSpec
+from training.patch_grounding import grounding_targets
 
 YES_NO = ("yes", "no")
 
@@ -48,7 +49,7 @@ class Batch:
     instructions: list[str]
     answers: list[str]
     dataset: int  # index of the dataset it came from
-    phrases: list[str | None]  # the detection phrase of each example (None for yes/no)
+    grounding: list[dict[str, str]]  # per example: phrase -> box answer of each structure to ground, augmented
 
 
 def training_example(entry: dict[str, Any], rng: random.Random) -> tuple[str, str]:
@@ -177,20 +178,24 @@ class TrainingData:
         # one seed per example (not one shared rng), so the threads' order cannot change what is drawn
         seeds = [f"{self.augment_seed}/{self.examples_drawn + k}" for k in range(len(indices))]
         self.examples_drawn += len(indices)
-        work = [(source.image_paths[i], pair[1], seed) for i, pair, seed in zip(indices, pairs, seeds)]
+        work = [(source.image_paths[i], pair[1], grounding_targets(source.entries[i]), seed)
+                for i, pair, seed in zip(indices, pairs, seeds)]
         loading = [self._pool.submit(self._load, job) for job in work] if self._pool else list(map(self._load, work))
-        return _DrawnBatch(loading, [p[0] for p in pairs], dataset, [source.entries[i].get("phrase") for i in indices])
+        return _DrawnBatch(loading, [p[0] for p in pairs], dataset)
 
-    def _load(self, work: tuple[Path, str, str]) -> tuple[torch.Tensor, str]:
-        """([3, S, S] model input, answer) of one example, both moved by the augmentation when it is on."""
-        path, answer, seed = work
+    def _load(self, work: tuple[Path, str, dict[str, str], str]) -> tuple[torch.Tensor, str, dict[str, str]]:
+        """([3, S, S] model input, answer, grounding targets) of one example, all moved by the augmentation when
+        it is on."""
+        path, answer, grounding, seed = work
         try:
             with Image.open(path) as image:
                 if self.augment is not None:
                     rng = random.Random(seed)
-                    image, answer = augment_example(image.convert("RGB"), answer, self.augment, rng)
+                    image, (answer, *moved) = augment_example(image.convert("RGB"), [answer, *grounding.values()],
+                                                              self.augment, rng)
+                    grounding = dict(zip(grounding, moved))
                     image = adjust_intensity(image, self.augment, rng)
-                return preprocess_image(image, self.image_size), answer
+                return preprocess_image(image, self.image_size), answer, grounding
         except OSError as error:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot read image {path}: {error}. Re-run `prepare` for its volume.") from error
 
@@ -224,15 +229,14 @@ class TrainingData:
 class _DrawnBatch:
     """A batch whose entries are chosen and whose images are decoding (futures) or decoded (pairs)."""
 
-    loading: list  # per example: Future of, or the finished, ([3, S, S] pixels, answer)
+    loading: list  # per example: Future of, or the finished, ([3, S, S] pixels, answer, grounding targets)
     instructions: list[str]
     dataset: int
-    phrases: list[str | None]
 
     def assemble(self) -> Batch:
         loaded = [item.result() if isinstance(item, Future) else item for item in self.loading]
-        return Batch(torch.stack([image for image, _ in loaded]), self.instructions,
-                     [answer for _, answer in loaded], self.dataset, self.phrases)
+        return Batch(torch.stack([image for image, _, _ in loaded]), self.instructions,
+                     [answer for _, answer, _ in loaded], self.dataset, [grounding for _, _, grounding in loaded])
 
 
 def _as_random_state(state: Sequence) -> tuple:
