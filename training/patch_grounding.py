@@ -17,7 +17,10 @@ slice gives its pancreas box and its tumour box, or the tumour's absence (an all
 whatever the example asks, the tumour yes/no examples included. Why: with the asked box alone the
 tumour channel only ever saw slices that have a tumour, so the tower learnt where the most tumour-like spot is
 but never whether there is one, and the demo model answered the yes/no question at chance (balanced accuracy
-0.50). An NIH-layout slice records its pancreas only, an AbdomenCT-1K-layout entry only the asked organ.
+0.50). At the demo's 128 px this alone did not fix it: after the tower stage, the tumour channel's largest
+logit still told tumour slices from the others no better than chance (ROC AUC 0.51 on the training slices;
+most phantom tumours are 2-6 px there). An NIH-layout slice records its pancreas only, an AbdomenCT-1K-layout
+entry only the asked organ.
 """
 
 from __future__ import annotations
