@@ -55,9 +55,10 @@ class PatchGroundingLoss(nn.Module):
     def forward(self, targets: list[dict[str, str]]) -> torch.Tensor:
         """The loss of the batch whose `training_loss` just ran (it filled the captured features); `targets` holds,
         per example, phrase -> answer box of every structure to ground (`grounding_targets`, augmented)."""
-        pairs = [(row, PHRASES.index(phrase), mask, self.box_fractions(answer))
-                 for row, of_row in enumerate(targets) for phrase, answer in of_row.items()
-                 if phrase in PHRASES and (mask := self.box_mask(answer)) is not None]
+        parsed = [(row, phrase, grammar.parse_answer(answer)) for row, of_row in enumerate(targets)
+                  for phrase, answer in of_row.items() if phrase in PHRASES]
+        pairs = [(row, PHRASES.index(phrase), mask, self._box_fractions(answer)) for row, phrase, answer in parsed
+                 if (mask := self._mask(answer)) is not None]
         if not pairs:
             return self._features.sum() * 0.0  # keeps the graph (and DDP) consistent on a batch without boxes
         rows, channels, masks, boxes = zip(*pairs)
@@ -78,7 +79,9 @@ class PatchGroundingLoss(nn.Module):
     def box_mask(self, answer: str) -> torch.Tensor | None:
         """[P, SUBDIVISION ** 2] 1.0 on the sub-cells of each patch (row-major, both) that a "{<x1><y1><x2><y2>}"
         answer (0-100 grid) covers: all zero for the absent box, None for an answer without a box."""
-        parsed = grammar.parse_answer(answer)
+        return self._mask(grammar.parse_answer(answer))
+
+    def _mask(self, parsed: grammar.ParsedAnswer) -> torch.Tensor | None:
         cells = self.grid * SUBDIVISION
         mask = torch.zeros(cells, cells)
         if not parsed.grid_boxes:
@@ -92,10 +95,9 @@ class PatchGroundingLoss(nn.Module):
             self.grid * self.grid, SUBDIVISION ** 2)
 
     @staticmethod
-    def box_fractions(answer: str) -> torch.Tensor | None:
+    def _box_fractions(parsed: grammar.ParsedAnswer) -> torch.Tensor | None:
         """[4] the answer's first box as fractions of the side; None for the absent box."""
-        boxes = grammar.parse_answer(answer).grid_boxes
-        return torch.tensor(boxes[0].as_tuple()) / 100.0 if boxes else None
+        return torch.tensor(parsed.grid_boxes[0].as_tuple()) / 100.0 if parsed.grid_boxes else None
 
 
 def grounding_targets(entry: dict[str, Any]) -> dict[str, str]:
@@ -105,8 +107,7 @@ def grounding_targets(entry: dict[str, Any]) -> dict[str, str]:
     for structure, phrase in (("pancreas", prompts.PANCREAS_PHRASE), ("tumor", prompts.TUMOR_PHRASE)):
         pixels, box = entry.get(f"pixels_{structure}"), entry.get(f"bbox_{structure}")
         if isinstance(pixels, int) and isinstance(box, list) and len(box) == 4 and "width" in entry:
-            targets[phrase] = grammar.render_box(box, entry["width"], entry["height"]) if pixels > 0 \
-                else grammar.ABSENT_ANSWER
+            targets[phrase] = grammar.render_box(box if pixels > 0 else None, entry["width"], entry["height"])
     if entry.get("phrase") in PHRASES:
         targets[entry["phrase"]] = entry["answer"]
     return targets
