@@ -5,6 +5,7 @@ the epoch its predecessor chose on the validation split, then evaluation on the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,12 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade")
     cascade = miniature(out)
     (out / "cascade.json").write_text(json.dumps(cascade))
-    assert main(["cascade", str(out / "cascade.json")]) == 0
+    working_directory = os.getcwd()
+    os.chdir(out)  # as a builder in a checkout: the report records paths relative to it
+    try:
+        assert main(["cascade", str(out / "cascade.json")]) == 0
+    finally:
+        os.chdir(working_directory)
     return out, cascade
 
 
@@ -130,7 +136,11 @@ def test_the_final_model_is_evaluated_and_exported_with_its_report(finished, tmp
     exported = out / "exported" / "model"
     assert read_manifest(exported)["card"]["model_id"].startswith("mini-cascade-")  # + the weights' hash
     run = json.loads((out / "run" / "evaluation" / "run.json").read_text())
-    assert run["model"] == str(exported)  # the report describes the exported (float16 base) weights
+    assert run["model"] == "exported/model"  # the report describes the exported (float16 base) weights
+    assert run["prepared"] == str(out / "run" / "prepared")  # absolute where `rescore` reads it back
+    published = out / "exported" / "report"
+    assert json.loads((published / "run.json").read_text())["prepared"] == "run/prepared"  # not the builder's path
+    assert json.loads((published / "metrics.json").read_text())["run"]["prepared"] == "run/prepared"
     vit = torch.load(exported / "base" / "eva_vit.pth", weights_only=True)
     assert vit["blocks.0.attn.qkv.weight"].dtype == torch.float16
     assert "mini-cascade-" in (out / "exported" / "MODEL_CARD.md").read_text(encoding="utf-8")

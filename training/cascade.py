@@ -219,7 +219,19 @@ def _publish_report(config: CascadeConfig, model_dir: Path, state: dict[str, Any
     staging = report.with_name(".report-staging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(config.output_dir / EVALUATION_FOLDER, staging, ignore=shutil.ignore_patterns("predictions"))
+    _record_prepared_for_provenance(staging)
     shutil.rmtree(report, ignore_errors=True)
     staging.rename(report)
     write_model_card(model_dir.parent / "MODEL_CARD.md", config, state, metrics, model_card(model_dir)["model_id"])
     say(f"[cascade] report and MODEL_CARD.md beside {model_dir}")
+
+
+def _record_prepared_for_provenance(report: Path) -> None:
+    """The published report names the test data as `provenance_path` does (`runs/demo/prepared` in a checkout),
+    not the builder's absolute path; the evaluation folder keeps the absolute one, which `rescore` opens."""
+    from backend.model_dir import provenance_path
+
+    for name, run_of in (("run.json", lambda data: data), ("metrics.json", lambda data: data["run"])):
+        data = json.loads((report / name).read_text())
+        run_of(data)["prepared"] = provenance_path(run_of(data)["prepared"])
+        atomic_write_bytes(report / name, (json.dumps(data, indent=1) + "\n").encode())
