@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_demo_answers_with_the_bundled_model_and_writes_every_promised_output(de
     out = demo_runs["RAS"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == model_card(bundled_model_dir())["model_id"] and summary["synthetic_model"]
+    assert Path(summary["volume"]) == (out / "phantom_ct.nii.gz").absolute()  # where it is, not where it was staged
     for name in ("phantom_ct.nii.gz", "phantom_labels.nii.gz", "boxes.csv", "boxes.mrk.json", "answers.json"):
         assert (out / name).is_file()
     answers = json.loads((out / "answers.json").read_text())["slices"]

@@ -46,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
     resolve_model_source(args)  # prints which model, first
     engine = engine_from_args(args)
     with staged_folder(out) as folder:
-        summary = _run_into(folder, engine, args.seed, args.orientation, started)
+        summary = _run_into(folder, out, engine, args.seed, args.orientation, started)
     _print_summary(summary, out)
     return 0
 
 
-def _run_into(folder: Path, engine, seed: int, orientation: str | None, started: float) -> dict:
+def _run_into(folder: Path, out: Path, engine, seed: int, orientation: str | None, started: float) -> dict:
+    """Write the demo into the staging `folder`, which becomes `out` once everything is written."""
     import SimpleITK as sitk
 
     from backend.commands.cascade_outputs import write_cascade_outputs
@@ -70,7 +71,7 @@ def _run_into(folder: Path, engine, seed: int, orientation: str | None, started:
     slices = range(view.shape[0])
     answers = sweep_volume(engine, view, slices)
     truth = [_truth(labels.slice(s)) for s in slices]
-    details = {"command": "minigpt-pancreas demo", "volume": str(ct_path), "prompt": "cascade",
+    details = {"command": "minigpt-pancreas demo", "volume": str(out / ct_path.name), "prompt": "cascade",
                "model": engine.model_id, "synthetic_model": engine.synthetic, "device": engine.device,
                "precision": engine.precision, "image_variant": engine.image_variant,
                "box_decoding": engine.box_decoding,
