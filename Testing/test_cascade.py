@@ -5,7 +5,6 @@ the epoch its predecessor chose on the validation split, then evaluation on the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -63,12 +62,9 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade")
     cascade = miniature(out)
     (out / "cascade.json").write_text(json.dumps(cascade))
-    working_directory = os.getcwd()
-    os.chdir(out)  # as a builder in a checkout: the report records paths relative to it
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(out)  # as a builder in a checkout: the report records paths relative to it
         assert main(["cascade", str(out / "cascade.json")]) == 0
-    finally:
-        os.chdir(working_directory)
     return out, cascade
 
 

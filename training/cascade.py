@@ -230,8 +230,11 @@ def _record_prepared_for_provenance(report: Path) -> None:
     """The published report names the test data as `provenance_path` does (`runs/demo/prepared` in a checkout),
     not the builder's absolute path; the evaluation folder keeps the absolute one, which `rescore` opens."""
     from backend.model_dir import provenance_path
+    from training.evaluate import RUN_FILE
+    from training.evaluate_report import METRICS_FILE
 
-    for name, run_of in (("run.json", lambda data: data), ("metrics.json", lambda data: data["run"])):
+    for name in (RUN_FILE, METRICS_FILE):
         data = json.loads((report / name).read_text())
-        run_of(data)["prepared"] = provenance_path(run_of(data)["prepared"])
+        settings = data if name == RUN_FILE else data["run"]  # metrics.json holds the run's settings under "run"
+        settings["prepared"] = provenance_path(settings["prepared"])
         atomic_write_bytes(report / name, (json.dumps(data, indent=1) + "\n").encode())
