@@ -14,7 +14,10 @@ an operating-system crash, after which a just-renamed file may be empty. Syncing
 (thousands of small PNGs) and the test suite much slower for a case a re-run repairs.
 
 Folders the same way (`staged_folder`): built in a hidden staging folder beside the target and swapped into place
-only when complete, so a failed run never leaves a half-written folder and never loses the previous one.
+only when complete, so a failed run never leaves a half-written folder and never loses the previous one. The
+previous folder is replaced whole, so callers check first that it holds nothing but their own earlier output;
+`check_can_stage` lets them find an unwritable target before a long job rather than after it. The folder gets the
+permissions of any new folder (0o777 less the umask), not the private 0o700 of `tempfile.mkdtemp`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ import os
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_write", "atomic_write_bytes", "check_can_stage", "staged_folder"]
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -71,8 +73,7 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes, only_if_changed: 
 def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder beside `out`; on success it replaces `out`, on any error it is removed."""
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    staging = _new_staging_folder(out)
     try:
         yield staging
         _swap_into_place(staging, out)
@@ -81,12 +82,29 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_can_stage(out: str | os.PathLike) -> None:
+    """Raise now the OSError that `staged_folder(out)` would raise on entry (a file in the way, a read-only or
+    full file system, no permission): create the missing parent folders and a staging folder, then remove it."""
+    _new_staging_folder(Path(out).absolute()).rmdir()
+
+
+def _new_staging_folder(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".tmp-{out.name}-{secrets.token_hex(6)}")
+    staging.mkdir(0o777)  # reduced by the umask, as for any new folder: outputs are meant to be shared
+    return staging
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
-    """An earlier output is removed only after the new one is complete."""
+    """An earlier output is removed only after the new one is in its place, and put back if that fails."""
     if not out.exists():
         os.replace(staging, out)
         return
     retired = out.with_name(f".old-{secrets.token_hex(8)}-{out.name}")
     os.replace(out, retired)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(retired, out)
+        raise
     shutil.rmtree(retired, ignore_errors=True)

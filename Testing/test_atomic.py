@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes, staged_folder
+from SlicerMiniGPTPancreas.atomic import atomic_write, atomic_write_bytes, check_can_stage, staged_folder
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
 
@@ -158,3 +158,22 @@ def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no staging or retired folder left
+
+
+@posix_only
+@pytest.mark.parametrize("process_umask, expected", [(0o022, 0o755), (0o077, 0o700)])
+def test_a_staged_folder_has_the_permissions_of_a_new_folder_under_the_umask(tmp_path, umask, process_umask,
+                                                                            expected):
+    umask(process_umask)
+    with staged_folder(tmp_path / "results") as staging:
+        (staging / "a.txt").write_text("first")
+    assert mode(tmp_path / "results") == expected  # not mkdtemp's private 0o700 whatever the umask
+
+
+def test_an_unusable_target_is_found_before_the_work_and_leaves_nothing(tmp_path):
+    check_can_stage(tmp_path / "new" / "results")  # missing parents are created, the staging tried and removed
+    assert [p.name for p in tmp_path.rglob("*")] == ["new"]
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(OSError):
+        check_can_stage(tmp_path / "notes.txt" / "results")  # a file where the folder should be
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -221,7 +221,7 @@ def test_a_folder_that_is_not_an_earlier_output_is_never_replaced(tiny, volumes,
     (tmp_path / "notes.txt").write_text("keep me")
     argv = ["predict", str(volumes["LPS"]), "--model", str(tiny[1]), "--out", str(tmp_path)]
     assert cli.main(argv) == 2
-    assert "is not an earlier predict output" in capsys.readouterr().err
+    assert "holds files minigpt-pancreas predict did not write (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 

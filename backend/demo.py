@@ -8,7 +8,8 @@ End to end, through the same code as `minigpt-pancreas predict --cascade`:
   3. asks the cascade's questions of every slice with the bundled demo model: the pancreas box, tumour yes/no with
      P(yes), and the tumour box where the answer is yes (`backend.cascade_sweep`);
   4. writes boxes.csv, boxes.mrk.json, answers.json, overlays (truth green, pancreas red, tumour orange) and
-     summary.json, all at once (a failed run leaves the previous output as it was);
+     summary.json, all at once (a failed run leaves the previous output as it was); an existing --out is replaced
+     only when it holds nothing but an earlier demo output, and it is checked before the model loads;
   5. scores the answers against the phantom's truth under the strict protocol: pancreas IoU over every slice
      with pancreas (no box = 0), tumour yes/no accuracy over those slices, tumour IoU over every slice with tumour.
 """
@@ -24,12 +25,16 @@ import numpy as np
 from SlicerMiniGPTPancreas.atomic import staged_folder
 
 DEFAULT_SEED = 7  # the demo cascade trains on seeds >= 100000, so this patient is unseen
+COMMAND_NAME = "minigpt-pancreas demo"  # recorded in summary.json: marks a folder this command may replace
+PHANTOM_FILES = ("phantom_ct.nii.gz", "phantom_labels.nii.gz")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from backend.commands.model_options import add_model_arguments
 
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (replaced whole)")
+    parser.add_argument("--out", type=Path, default=Path("demo-output"),
+                        help="output folder (default: demo-output); an earlier demo output there is replaced whole, "
+                             "a folder holding other files is refused")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"synthetic patient and scan (default {DEFAULT_SEED}; any seed below 100000 is unseen)")
     parser.add_argument("--orientation", default=None, metavar="CODE",
@@ -40,12 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from backend.commands.model_options import engine_from_args, resolve_model_source
+    from backend.commands.predict_outputs import OUTPUT_NAMES, check_output_folder, writing
 
     started = time.perf_counter()
     out = Path(args.out).absolute()
     resolve_model_source(args)  # prints which model, first
+    check_output_folder(out, COMMAND_NAME, names=OUTPUT_NAMES | set(PHANTOM_FILES))
     engine = engine_from_args(args)
-    with staged_folder(out) as folder:
+    with writing(out), staged_folder(out) as folder:
         summary = _run_into(folder, out, engine, args.seed, args.orientation, started)
     _print_summary(summary, out)
     return 0
@@ -56,22 +63,22 @@ def _run_into(folder: Path, out: Path, engine, seed: int, orientation: str | Non
     import SimpleITK as sitk
 
     from backend.commands.cascade_outputs import write_cascade_outputs
-    from backend.commands.predict import read_volume, sweep_volume
+    from backend.commands.predict import sweep_volume
     from backend.commands.predict_outputs import write_json
     from SlicerMiniGPTPancreas import geometry, phantom, phantom_writers
 
     ct = phantom.make_phantom(seed, tumour=True, **phantom.sample_scan_parameters(seed))
     if orientation is not None:
         ct = phantom.reorient(ct, orientation)  # the same voxels, transposed and flipped
-    ct_path, labels_path = folder / "phantom_ct.nii.gz", folder / "phantom_labels.nii.gz"
+    ct_path, labels_path = (folder / name for name in PHANTOM_FILES)
     sitk.WriteImage(phantom_writers.to_sitk_image(ct), str(ct_path), True)
     sitk.WriteImage(phantom_writers.to_sitk_labels(ct), str(labels_path), True)
-    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(ct_path)))
-    labels = geometry.ModelView.from_volume(*geometry.volume_from_sitk(read_volume(labels_path)))
+    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(_read_back(ct_path, out)))
+    labels = geometry.ModelView.from_volume(*geometry.volume_from_sitk(_read_back(labels_path, out)))
     slices = range(view.shape[0])
     answers = sweep_volume(engine, view, slices)
     truth = [_truth(labels.slice(s)) for s in slices]
-    details = {"command": "minigpt-pancreas demo", "volume": str(out / ct_path.name), "prompt": "cascade",
+    details = {"command": COMMAND_NAME, "volume": str(out / ct_path.name), "prompt": "cascade",
                "model": engine.model_id, "synthetic_model": engine.synthetic, "device": engine.device,
                "precision": engine.precision, "image_variant": engine.image_variant,
                "box_decoding": engine.box_decoding,
@@ -84,6 +91,20 @@ def _run_into(folder: Path, out: Path, engine, seed: int, orientation: str | Non
     summary["seconds"] = round(time.perf_counter() - started, 3)
     write_json(folder / "summary.json", summary)
     return summary
+
+
+def _read_back(path: Path, out: Path):
+    """The image just written at `path`. SimpleITK's NIfTI writer reports a failed write (a full disk) only on
+    stderr, so a file that cannot be read back was not written whole."""
+    from backend.commands.predict import read_volume
+    from backend.commands.predict_outputs import OutputFolderError
+    from SlicerMiniGPTPancreas.errors import UserError
+
+    try:
+        return read_volume(path)
+    except UserError as error:
+        raise OutputFolderError(f"cannot write --out {out}: {path.name} was not written whole (is the disk full?). "
+                                "Free disk space or choose another --out; nothing was written there.") from error
 
 
 def _truth(label_slice: np.ndarray):

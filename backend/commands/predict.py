@@ -3,7 +3,8 @@
 The volume (NIfTI, NRRD, MetaImage, or a folder holding one DICOM series) is read with SimpleITK, shown to the
 model as radiological axial slices (the model view: up = anterior, left = patient right), and answered in batches
 by `backend.engine.InferenceEngine` (the bundled demo model unless --model or --upstream says otherwise). The
-output folder is built beside its target and swapped in whole:
+output folder is built beside its target and swapped in whole; an existing --out is replaced only when it holds
+nothing but an earlier output of this command, and it is checked before the model loads:
 
   boxes.csv       one row per box: slice, answer, pixel box on the model-view slice, confidence, RAS centre/size
   boxes.mrk.json  one ROI per box, one slice thick, described with the model id, for 3D Slicer (File > Add Data);
@@ -21,7 +22,6 @@ then refer to the resampled grid, RAS positions to the patient as always.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from backend import prompts
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
+from backend.volume_files import read_volume
 from SlicerMiniGPTPancreas.atomic import staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
 
@@ -62,22 +63,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resample", action="store_true",
                         help="resample a tilted (oblique) volume onto the nearest axial grid instead of refusing it")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder, replaced whole (default: <volume name>-predictions here)")
+                        help="output folder (default: <volume name>-predictions here); an earlier predict output "
+                             "there is replaced whole, a folder holding other files is refused")
 
 
 def run(args: argparse.Namespace) -> int:
     from backend.commands.cascade_outputs import write_cascade_outputs
-    from backend.commands.predict_outputs import write_outputs
+    from backend.commands.predict_outputs import check_output_folder, write_outputs
 
     started = time.perf_counter()
     volume = Path(args.volume)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     label = args.label or ("pancreas" if args.prompt is None else "box")
     out = Path(args.out or f"{_volume_name(volume)}-predictions").absolute()
-    # Everything cheap is checked before the model loads: a typo should not cost minutes.
+    # Everything cheap is checked before the model loads: a typo or an unwritable --out should not cost minutes.
     resolve_model_source(args)  # prints which model, first, when it is the bundled one
     _check_options(args, prompt)
-    _check_output_folder(out)
+    check_output_folder(out, COMMAND_NAME, inputs=[volume])
     view, resampled = model_view(read_volume(volume, args.series), args.resample)
     chosen = parse_slices(args.slices, view.shape[0])
     if resampled:
@@ -92,17 +94,26 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.cascade:
         answers = sweep_volume(engine, view, chosen, args.max_new_tokens)
-        with staged_folder(out) as staging:
-            summary = write_cascade_outputs(staging, view, list(chosen), answers, details=details,
-                                            seconds=time.perf_counter() - started)
+        summary = _write_output_folder(out, volume, lambda staging: write_cascade_outputs(
+            staging, view, list(chosen), answers, details=details, seconds=time.perf_counter() - started))
         _print_cascade_summary(summary, out)
         return 0
     results = _predict(engine, [view.slice(s) for s in chosen], prompt, args)
-    with staged_folder(out) as staging:
-        summary = write_outputs(staging, view, list(zip(chosen, results)), label=label, details=details,
-                                seconds=time.perf_counter() - started)
+    summary = _write_output_folder(out, volume, lambda staging: write_outputs(
+        staging, view, list(zip(chosen, results)), label=label, details=details,
+        seconds=time.perf_counter() - started))
     _print_summary(summary, out)
     return 0
+
+
+def _write_output_folder(out: Path, volume: Path, write) -> dict:
+    """`write(staging)`'s summary, once the folder it wrote has replaced `out`; `out` is checked again because
+    the user may have put a file there while the model ran."""
+    from backend.commands.predict_outputs import check_output_folder, writing
+
+    check_output_folder(out, COMMAND_NAME, inputs=[volume])
+    with writing(out), staged_folder(out) as staging:
+        return write(staging)
 
 
 def model_view(image, resample: bool):
@@ -137,28 +148,6 @@ def sweep_volume(engine, view, chosen: range, max_new_tokens: int = 20) -> list:
                              progress=progress)
 
 
-def read_volume(path: Path, series: str | None = None):
-    """The 3D SimpleITK image at `path`: an image file, or a folder holding a DICOM series (HU rescale applied)."""
-    import SimpleITK as sitk
-
-    if not path.exists():
-        raise PredictError(f"volume not found: {path}. Give a NIfTI, NRRD or MetaImage file or a DICOM folder.")
-    if series is not None and not path.is_dir():
-        raise PredictError("--series applies to DICOM folders only; leave it out for a single file.")
-    try:
-        image = _read_dicom_series(path, series) if path.is_dir() else sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise PredictError(f"cannot read {path} as an image volume ({_itk_reason(error)}). Give a NIfTI, NRRD or "
-                           "MetaImage file, or a folder of DICOM files.") from error
-    dimension = image.GetDimension()
-    if dimension == 2:
-        raise PredictError(f"{path} is a 2D image (a single slice); predict needs a 3D CT volume.")
-    if dimension != 3:
-        raise PredictError(f"{path} is a {dimension}D image (e.g. a time series); predict needs one 3D CT volume. "
-                           "Extract the volume you want first (in 3D Slicer: Sequences module).")
-    return image
-
-
 def parse_slices(text: str | None, count: int) -> range:
     """Model-view slices chosen by "START:STOP" (STOP exclusive, ends optional) or "N"; all for None."""
     if text is None:
@@ -177,32 +166,6 @@ def parse_slices(text: str | None, count: int) -> range:
     return range(start, stop)
 
 
-def _read_dicom_series(folder: Path, series: str | None):
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    found = reader.GetGDCMSeriesIDs(str(folder))
-    if not found:
-        raise PredictError(f"{folder} holds no DICOM series (sub-folders are not searched); give the folder that "
-                           "holds the .dcm files of one CT series.")
-    if series is None and len(found) > 1:
-        raise PredictError(f"{folder} holds {len(found)} DICOM series; choose one with --series UID "
-                           f"({', '.join(found)}).")
-    if series is not None and series not in found:
-        raise PredictError(f"series {series} is not in {folder}; it holds {', '.join(found)}.")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series or found[0]))
-    return reader.Execute()
-
-
-def _itk_reason(error: RuntimeError) -> str:
-    """The one informative line of a SimpleITK/ITK exception text."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    flagged = [line for line in lines if "ERROR" in line]
-    reason = (flagged or lines or ["unknown error"])[-1]
-    reason = re.sub(r"^(sitk::|ITK )?ERROR:\s*", "", reason)
-    return reason if len(reason) <= 200 else reason[:197] + "..."
-
-
 def _volume_name(volume: Path) -> str:
     name = volume.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
@@ -218,23 +181,6 @@ def _check_options(args: argparse.Namespace, prompt: str) -> None:
     if args.max_new_tokens < 1:
         raise PredictError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     prompts.check_question(prompt, "--prompt")
-
-
-def _check_output_folder(out: Path) -> None:
-    """Refuse to replace a folder that holds anything but an earlier output of this command."""
-    if not out.exists():
-        return
-    if out.is_dir() and (not any(out.iterdir()) or _is_earlier_output(out)):
-        return
-    raise PredictError(f"--out {out} exists and is not an earlier predict output; it would be replaced whole, so "
-                       "choose a new folder.")
-
-
-def _is_earlier_output(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "summary.json").read_text()).get("command") == COMMAND_NAME
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:

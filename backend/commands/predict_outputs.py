@@ -3,20 +3,31 @@
 Every box is mapped once (`box_records`) from pixels of its model-view slice to patient millimetres with
 `ModelView.box_to_ras` (the box's pixel extent, one slice thick), and that one record feeds boxes.csv,
 boxes.mrk.json and the overlays, so the three always agree.
+
+The output folder is replaced whole (`atomic.staged_folder`), so `check_output_folder` refuses, before the model
+runs, a folder that holds anything these writers did not write, and `writing` turns a failed write (full disk,
+read-only file system) into one line for the user.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from SlicerMiniGPTPancreas import geometry, markups, preprocess
+from SlicerMiniGPTPancreas.atomic import check_can_stage
+from SlicerMiniGPTPancreas.errors import UserError
+
+OUTPUT_NAMES = frozenset({"answers.json", "boxes.csv", "boxes.mrk.json", "overlays", "summary.json"})
+_OVERLAY = re.compile(r"slice_\d+\.png")  # the only files in overlays/
 
 CSV_FIELDS = ("slice", "box", "name", "answer", "x_min", "y_min", "x_max", "y_max", "confidence",
               "center_r", "center_a", "center_s", "size_r", "size_a", "size_s")
@@ -27,6 +38,10 @@ COORDINATES = {
     "boxes.mrk.json": "LPS millimetres, as 3D Slicer stores markups (Slicer shows them in RAS)",
     "slice": "model-view slice index, 0 = most inferior",
 }
+
+
+class OutputFolderError(UserError):
+    """--out cannot be used or written: it holds the user's files, lies under a file, or a write failed."""
 
 
 @dataclass(frozen=True)
@@ -138,3 +153,57 @@ def write_overlay_pngs(folder: Path, view: geometry.ModelView, boxes_by_slice: d
         draw_overlay(rgb, boxes_by_slice[s]).save(folder / name)
         names.append(name)
     return names
+
+
+def check_output_folder(out: Path, command: str, *, names: Iterable[str] = OUTPUT_NAMES,
+                        inputs: Iterable[Path] = ()) -> None:
+    """Refuse an `out` that replacing whole would lose something the user keeps, or that cannot be written.
+
+    `out` may be missing, empty, or an earlier output of `command` (its summary.json says so) holding only
+    `names` (and slice PNGs in overlays/); `inputs` (the volume) must not lie inside it. Its folder is created
+    and a staging folder tried there, so that a file in the way or a read-only disk is found before the model
+    runs, not after.
+    """
+    out = out.absolute()
+    blocker = next(p for p in (out, *out.parents) if p.exists())
+    if not blocker.is_dir():
+        raise OutputFolderError(f"--out {out}: {blocker} is a file, not a folder; choose another --out.")
+    for path in inputs:
+        if path.resolve().is_relative_to(out.resolve()):
+            raise OutputFolderError(f"the input {path} is inside --out {out}, which is replaced whole; choose "
+                                    "another --out or move the input out of it.")
+    with writing(out):
+        if out.is_dir() and any(out.iterdir()):
+            _check_replaceable(out, command, frozenset(names))
+        check_can_stage(out)
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Turn an OSError while reading or writing `out` into an OutputFolderError that says what to do; the
+    staging folder is gone by then and an earlier output untouched (`atomic.staged_folder`)."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputFolderError(f"cannot write --out {out}: {error.strerror or error}. Free disk space, fix the "
+                                "permissions or choose another --out; nothing was written there.") from error
+
+
+def _check_replaceable(out: Path, command: str, names: frozenset[str]) -> None:
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in names)
+    if (out / "overlays").is_dir():
+        foreign += sorted(f"overlays/{p.name}" for p in (out / "overlays").iterdir() if not _OVERLAY.fullmatch(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputFolderError(f"--out {out} holds files {command} did not write ({shown}); it is replaced whole, "
+                                "so choose another --out or move them out of it.")
+    if not _is_earlier_output(out, command):
+        raise OutputFolderError(f"--out {out} exists and is not an earlier {command} output (see its summary.json); "
+                                "it would be replaced whole, so choose another --out.")
+
+
+def _is_earlier_output(folder: Path, command: str) -> bool:
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("command") == command
+    except (OSError, ValueError, AttributeError):
+        return False
