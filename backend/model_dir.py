@@ -28,6 +28,7 @@ from backend.checkpoint_io import CheckpointError, FileFingerprint, fingerprint,
 from backend.checkpoints import BaseFiles, assemble_model
 from backend.config import ConfigError, MiniGPTConfig
 from backend.llm import llama_weight_files
+from backend.manifest_schema import manifest_problem
 from backend.model import MiniGPTv2
 from backend.tokenizer import UpstreamLlamaTokenizer
 from SlicerMiniGPTPancreas.atomic import atomic_write
@@ -78,7 +79,7 @@ def save_model_dir(model: MiniGPTv2, out_dir: str | os.PathLike, hash_base_files
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of a model folder."""
+    """The manifest of a model folder, checked against manifest_schema.MANIFEST and MiniGPTConfig's own rules."""
     folder = Path(model_dir)
     file = folder / MANIFEST_FILE
     if not file.is_file():
@@ -86,13 +87,21 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
                               "`minigpt-pancreas import-upstream` (or finish an interrupted save).")
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON, absurdly nested
         raise CheckpointError(f"cannot read {file}: {error}. Re-create the model folder.") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{file} is not a {FORMAT_NAME} manifest.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file} has format version {manifest.get('format_version')}; this program reads "
                               f"version {FORMAT_VERSION}. Re-import the model with this version.")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}; the folder was not written by this tool or was edited. "
+                              "Re-create it (minigpt-pancreas import-upstream, or minigpt-pancreas-train export).")
+    try:
+        MiniGPTConfig.from_dict(manifest["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{file}: invalid model config ({error}).") from error
     return manifest
 
 
@@ -120,10 +129,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     folder = Path(model_dir)
     manifest = read_manifest(folder)
-    try:
-        config = MiniGPTConfig.from_dict(manifest["config"])
-    except (ConfigError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{folder / MANIFEST_FILE}: invalid model config ({error}).") from error
+    config = MiniGPTConfig.from_dict(manifest["config"])  # read_manifest checked it
     base, problems = check_base_files(manifest, verify_hashes, vit_checkpoint, llama_dir, model_dir=folder)
     if problems:
         raise CheckpointError(f"the base files of {folder} are not the ones it was saved with:\n"
