@@ -1,9 +1,9 @@
-"""The uvicorn server around the app: connection limits, an idle timeout, a graceful shutdown, quiet logs.
+"""The uvicorn server around the app: connection limits, time limits on requests, a graceful shutdown, quiet logs.
 
-- Connections: at most `max_connections` connections or requests at once (uvicorn's limit_concurrency: beyond it a
-  request is answered 503), and a connection that sends nothing for `keep_alive_s` is closed, whether it is fresh
-  (uvicorn alone only times out idle keep-alive connections, so half-open sockets would stay forever) or between
-  requests.
+- Connections: at most `max_connections` connections or requests at once (beyond it a request is answered 503
+  with the protocol's error body), a connection that sends nothing for `keep_alive_s` is closed, whether it is fresh
+  or between requests, and so is one whose request arrives too slowly (`request_limits`: headers within seconds of
+  their first byte, a body that keeps arriving); see connections.py.
 - Shutdown (SIGTERM, Ctrl+C): uvicorn stops accepting connections; the service stops taking work, cancels its
   sweeps and answers every request still waiting (its result if the model gets to it within the grace period,
   else 503 "shutting down") before uvicorn's own grace period ends, so no client is left without an answer.
@@ -12,22 +12,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .connections import RequestTimeLimits, TimeLimitedH11
 
 ANSWER_MARGIN_S = 1.0  # after the service's grace, uvicorn waits this much longer for the answers to go out
-
-
-class IdleTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, with the keep-alive timeout also running from the moment a connection opens."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 class ServiceServer(uvicorn.Server):
@@ -51,9 +44,10 @@ class _NoQueryStrings(logging.Filter):
 
 
 def make_server(app: Any, host: str, port: int, *, log_level: str, grace_s: float, keep_alive_s: float,
-                max_connections: int) -> ServiceServer:
+                max_connections: int, request_limits: RequestTimeLimits = RequestTimeLimits()) -> ServiceServer:
     """The server for `app` (the service's create_app) with those limits; see the module docstring."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=IdleTimeoutH11,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            http=partial(TimeLimitedH11, limits=request_limits),
                             timeout_keep_alive=keep_alive_s, limit_concurrency=max_connections,
                             timeout_graceful_shutdown=grace_s + ANSWER_MARGIN_S)
     access_log = logging.getLogger("uvicorn.access")
