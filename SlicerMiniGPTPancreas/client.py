@@ -167,6 +167,8 @@ def http_error(response: requests.Response, url: str, what: str, token_sent: boo
         return PayloadTooLargeError(f"The server at {url} refused {what} as too large (HTTP 413){detail}. "
                                     "Send a smaller volume or slice range, or raise the server's upload "
                                     "limit.", status)
+    if code is p.ErrorCode.MODEL_UNAVAILABLE:  # not busy: waiting will not help (its message says what will)
+        return ServerError(f"The server at {url} cannot answer {what}{detail}.", status)
     if status == 503:
         retry_after_s = _retry_after_s(response.headers.get("Retry-After"))
         when = "shortly" if retry_after_s is None else f"in {math.ceil(retry_after_s)} s"
@@ -323,8 +325,9 @@ class MiniGPTPancreasClient:
             raise self._schema_error(error, what) from error
         health = self._parse(p.Health, body, what)
         if health.status == "error":
-            raise ServerError(f"The server at {self.base_url} is running but its model failed to load. "
-                              "Look at the server log (the console running `minigpt-pancreas serve`).")
+            why = (f": {health.message}" if health.message else ". Look at the server log (the console running "
+                   "`minigpt-pancreas serve`).")
+            raise ServerError(f"The server at {self.base_url} is running but its model failed to load{why}")
         return health
 
     def info(self) -> p.ModelInfo:

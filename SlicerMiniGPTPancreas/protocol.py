@@ -32,8 +32,9 @@ from .validation import (
 )
 from .wire_arrays import MAX_SLICE_SIDE, MAX_VOLUME_SLICES, SLICE_FIELD, check_int16_array
 
-API_VERSION = "1.2"  # 1.1: a volume may be uploaded as stored, with its geometry (encode_scan); 1.2: /info
-# lists the model's tasks (ModelInfo.tasks)
+API_VERSION = "1.3"  # 1.1: a volume may be uploaded as stored, with its geometry (encode_scan); 1.2: /info
+# lists the model's tasks (ModelInfo.tasks); 1.3: a model that failed to load is Health.message and 503
+# "model_unavailable"
 API_PREFIX = "/api/v1"
 API_VERSION_HEADER = "X-MiniGPT-Pancreas-API-Version"  # the client's version, sent with every request
 
@@ -67,6 +68,7 @@ class ErrorCode(str, Enum):
     VALIDATION = "validation"
     INTERNAL = "internal"
     BUSY = "busy"
+    MODEL_UNAVAILABLE = "model_unavailable"  # the model failed to load: retrying will not help, restarting may
 
     @property
     def http_status(self) -> int:
@@ -76,7 +78,7 @@ class ErrorCode(str, Enum):
 _HTTP_STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404,
     ErrorCode.VERSION_MISMATCH: 409, ErrorCode.PAYLOAD_TOO_LARGE: 413, ErrorCode.UNSUPPORTED_MEDIA: 415,
-    ErrorCode.VALIDATION: 422, ErrorCode.INTERNAL: 500, ErrorCode.BUSY: 503,
+    ErrorCode.VALIDATION: 422, ErrorCode.INTERNAL: 500, ErrorCode.BUSY: 503, ErrorCode.MODEL_UNAVAILABLE: 503,
 }
 
 
@@ -250,6 +252,7 @@ class Health(Schema):
     model_id: str
     device: str
     busy: bool
+    message: str | None = None  # status "error": why the model failed to load and what to do (API 1.3)
 
     def __post_init__(self) -> None:
         self._set("status", check_choice, HEALTH_STATES)
@@ -257,6 +260,7 @@ class Health(Schema):
         self._set("model_id", check_str, 200, allow_empty=True)  # empty while loading
         self._set("device", check_str, 200)
         self._set("busy", check_bool)
+        self._set_optional("message", check_str, 10_000)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def test_routes_are_versioned_and_ids_cannot_escape_the_path():
 def test_error_codes_map_to_their_http_statuses():
     expected = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "version_mismatch": 409,
                 "payload_too_large": 413, "unsupported_media": 415, "validation": 422, "internal": 500,
-                "busy": 503}
+                "busy": 503, "model_unavailable": 503}
     assert {code.value: code.http_status for code in p.ErrorCode} == expected
 
 

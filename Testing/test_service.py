@@ -7,6 +7,8 @@ A `Gate` in front of the engine (gated_engine.py) holds the engine thread where 
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 import threading
 import time
@@ -24,6 +26,7 @@ from backend.service import ServiceLimits, create_app
 from backend.service.volumes import VolumeStore
 from gated_engine import WAIT_S, Gate, GatedEngine
 from live_server import LiveServer
+from model_folders import bundled_model_copy
 from SlicerMiniGPTPancreas import client as c
 from SlicerMiniGPTPancreas import grammar
 from SlicerMiniGPTPancreas import protocol as p
@@ -348,26 +351,39 @@ def test_shutdown_cancels_running_sweeps(engine):
     assert not server.service.worker.busy
 
 
-def test_health_says_loading_then_error_when_the_model_fails_to_load(tmp_path):
+def test_health_says_loading_then_why_the_model_failed_to_load_and_every_call_says_so(tmp_path, caplog):
     release = threading.Event()
+    folder = bundled_model_copy(tmp_path / "model")
+    (folder / "trainable.safetensors").write_bytes(b"\0" * 64)  # found only while loading: the sha256 differs
+    why = f"{folder / 'trainable.safetensors'} is missing or not the file minigpt_model.json was written with"
 
     def load_engine() -> InferenceEngine:
         release.wait(WAIT_S)
-        return InferenceEngine.from_model_dir(tmp_path / "no-model-here")  # a real loading error
+        return InferenceEngine.from_model_dir(folder)
 
-    with LiveServer(create_app(load_engine=load_engine, device_hint="cuda")) as server, server.client() as client:
+    with LiveServer(create_app(load_engine=load_engine, device_hint="cuda")) as server, server.client() as client, \
+            caplog.at_level(logging.INFO):
         health = client.check_connection()  # loading is not an error
-        assert (health.status, health.model_id, health.device) == ("loading", "", "cuda")
+        assert (health.status, health.model_id, health.device, health.message) == ("loading", "", "cuda", None)
         with pytest.raises(c.ServerBusyError, match="still loading") as busy:
             client.query_slice(_slice(0), REFER, (1.0, 1.0))
         assert busy.value.retry_after_s == 10
         release.set()
         _wait_until(lambda: client.health().status == "error", "the failed load was not reported")
-        with pytest.raises(c.ServerError, match="model failed to load"):
+        assert why in client.health().message and "re-create it" in client.health().message
+        with pytest.raises(c.ServerError, match="model failed to load: " + re.escape(why)):
             client.check_connection()
-        with pytest.raises(c.ServerError, match="no-model-here") as failed:
-            client.info()
-        assert failed.value.status == 500
+        for call in (client.info, lambda: client.query_slice(_slice(0), REFER, (1.0, 1.0))):
+            with pytest.raises(c.ServerError, match=re.escape(why) + ".*re-create it; then restart the server") \
+                    as failed:
+                call()
+            assert failed.value.status == 503 and not isinstance(failed.value, c.ServerBusyError)
+        reply = requests.get(server.url + p.ROUTE_INFO, timeout=WAIT_S)
+        assert p.ErrorResponse.from_dict(reply.json()).code is p.ErrorCode.MODEL_UNAVAILABLE
+        assert "Retry-After" not in reply.headers  # waiting will not help
+    failures = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert [(record.getMessage(), record.exc_info) for record in failures] == \
+           [(f"the model failed to load: {why} (sha256 differs). The model folder is damaged; re-create it.", None)]
 
 
 # --- the serve command --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ connections are closed, and a client leaving mid-request is one INFO log line.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -90,6 +91,25 @@ def test_hostile_input_gets_a_4xx_naming_the_field_with_a_short_message(live, na
     assert words in message and len(message) <= MAX_MESSAGE_CHARS
     assert "ErrorResponse" not in message  # about the input, not about the error envelope
     assert live.service.worker.state == "ok"
+
+
+@pytest.mark.parametrize(("path", "body", "status", "words"), [
+    (p.ROUTE_VOLUMES + "?shape=1,1,1&dtype=int16&spacing_mm=1,1,1", b"a" * 16, 422,
+     "body: has more than the 2 bytes the shape needs"),
+    (p.ROUTE_SWEEPS, b" " * 100_000, 413, "more than this endpoint's limit of 65536 bytes"),
+])
+def test_a_chunked_body_that_overflows_in_its_last_chunk_is_refused_as_with_a_content_length(live, path, body,
+                                                                                             status, words):
+    content_type = "application/octet-stream" if path.startswith(p.ROUTE_VOLUMES) else "application/json"
+    with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])), WAIT_S) as raw:
+        raw.settimeout(WAIT_S)
+        # One data chunk and the terminator in one write: the server has read the whole body when it overflows.
+        raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        reply = http.client.HTTPResponse(raw)
+        reply.begin()
+        assert reply.status == status
+        assert words in p.ErrorResponse.from_dict(json.loads(reply.read())).message
 
 
 def test_the_token_is_checked_before_anything_else(engine):  # noqa: F811

@@ -6,6 +6,7 @@ waiting client and the process exits, the access log never shows a query string,
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,11 +78,19 @@ def test_the_access_log_never_shows_a_query_string():
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("--max-queue", "0", "--max-queue must be at least 1"),
-    ("--max-connections", "0", "--max-connections must be at least 1"),
-    ("--keep-alive", "0", "--keep-alive must be at least 0.1"),
-    ("--volume-memory", "nan", "--volume-memory must be at least"),
+    ("--max-queue", "0", "must be at least 1, got 0"),
+    ("--max-connections", "many", "'many' is not a whole number"),
+    ("--keep-alive", "0", "must be from 0.1 to 86400, got 0"),
+    ("--keep-alive", "inf", "must be from 0.1 to 86400, got inf"),
+    ("--grace", "nan", "must be from 0 to 86400, got nan"),
+    ("--volume-memory", "nan", "must be from 0.0009765625 to 1048576, got nan"),
+    ("--volume-memory", "inf", "must be from 0.0009765625 to 1048576, got inf"),  # was an OverflowError
+    ("--volume-memory", "1e308", "must be from 0.0009765625 to 1048576, got 1e308"),
 ])
 def test_serve_refuses_bad_limits_before_it_starts(option, value, words, capsys):
-    assert cli.main(["serve", option, value]) == 2
-    assert words in capsys.readouterr().err
+    with socket.socket() as taken, pytest.raises(SystemExit) as refused:  # by argparse, with the usage line
+        taken.bind(("127.0.0.1", 0))  # a limit let through would stop at the port, not serve on
+        taken.listen()
+        cli.main(["serve", option, value, "--device", "cpu", "--port", str(taken.getsockname()[1])])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"minigpt-pancreas serve: error: argument {option}: {words}"

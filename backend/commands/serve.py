@@ -1,9 +1,12 @@
 """`minigpt-pancreas serve`: the HTTP service for the Slicer module, on 127.0.0.1:8765 by default.
 
 The port is taken before the model loads, so a port clash is reported at once; the model then loads on the engine
-thread while /healthz answers "loading" (the client shows "still loading", not "no server"). A host beyond loopback
-needs an access token (--token or $MINIGPT_PANCREAS_TOKEN), checked before anything else. Without --model or
---upstream it serves the bundled demo model and says so first.
+thread while /healthz answers "loading" (the client shows "still loading", not "no server"). What can be checked
+cheaply is checked before the port is taken (options, the model folder's manifest: one line, exit 2); what only
+loading finds (damaged weights) is one log line, and then /healthz and every API call say why (503
+"model_unavailable"): the server stays up to tell the Slicer module. A host beyond loopback needs an access token
+(--token or $MINIGPT_PANCREAS_TOKEN), checked before anything else. Without --model or --upstream it serves the
+bundled demo model and says so first.
 
 Connections: at most --max-connections at once (more are answered 503), and one that sends nothing for --keep-alive
 seconds is closed. On SIGTERM or Ctrl+C it stops accepting connections and work, cancels the sweeps, answers every
@@ -19,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
 
@@ -27,6 +31,34 @@ DEFAULT_PORT = 8765
 MAX_CONNECTIONS = 64
 KEEP_ALIVE_S = 5.0
 GRACE_S = 5.0
+MAX_VOLUME_MEMORY_GIB = 1 << 20  # a pebibyte: beyond any machine, and still a whole number of bytes
+MAX_WAIT_S = 86400.0  # a day: longer is a mistake, and inf or 1e308 overflow the timers
+
+
+def number(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a number from `low` to `high` (nan and inf are refused: they overflow or never end)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be from {low:.15g} to {high:.15g}, got {text}")
+        return value
+    return parse
+
+
+def whole_number(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,16 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help="access token clients must send (default: $MINIGPT_PANCREAS_TOKEN; prefer the "
                              "variable: command lines are visible to other users)")
-    parser.add_argument("--max-queue", type=int, default=8,
+    parser.add_argument("--max-queue", type=whole_number(1), default=8,
                         help="slice queries waiting for the model before the server answers 'busy' (default 8)")
-    parser.add_argument("--volume-memory", type=float, default=2.0, metavar="GIB",
+    parser.add_argument("--volume-memory", type=number(1 / 1024, MAX_VOLUME_MEMORY_GIB), default=2.0,
+                        metavar="GIB",
                         help="memory for uploaded volumes in GiB, uploads in progress included; the least recently "
                              "used go first (default 2)")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+    parser.add_argument("--max-connections", type=whole_number(1), default=MAX_CONNECTIONS, metavar="N",
                         help=f"connections and requests at once; more are answered 503 (default {MAX_CONNECTIONS})")
-    parser.add_argument("--keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
+    parser.add_argument("--keep-alive", type=number(0.1, MAX_WAIT_S), default=KEEP_ALIVE_S, metavar="S",
                         help=f"close a connection that sends nothing for this long (default {KEEP_ALIVE_S:g} s)")
-    parser.add_argument("--grace", type=float, default=GRACE_S, metavar="S",
+    parser.add_argument("--grace", type=number(0, MAX_WAIT_S), default=GRACE_S, metavar="S",
                         help="on shutdown, how long waiting requests may still get their answer; the rest get 503 "
                              f"(default {GRACE_S:g} s)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -63,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, token)
     if not 1 <= args.port <= 65535:
         raise ServeSettingsError(f"--port must be in 1-65535, got {args.port}")
-    _check_limits(args)
     resolve_model_source(args)  # the model files exist (and which model, first, if it is the bundled one)
     args.device = resolve_device(args.device)  # before the port is taken: a missing GPU is reported at once
     sock = bind_socket(args.host, args.port)
@@ -71,16 +103,6 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args, sock, token)
     finally:
         sock.close()
-
-
-def _check_limits(args: argparse.Namespace) -> None:
-    from backend.service.security import ServeSettingsError
-
-    for option, value, low in (("--max-queue", args.max_queue, 1), ("--max-connections", args.max_connections, 1),
-                               ("--volume-memory", args.volume_memory, 1 / 1024),
-                               ("--keep-alive", args.keep_alive, 0.1), ("--grace", args.grace, 0)):
-        if not value >= low:  # also refuses nan
-            raise ServeSettingsError(f"{option} must be at least {low:g}, got {value:g}")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -87,8 +87,8 @@ def _install_worker_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(WorkerUnavailableError)
     async def _unavailable(_: Request, error: WorkerUnavailableError) -> JSONResponse:
-        if service.worker.state == "error":
-            return error_reply(ApiError(p.ErrorCode.INTERNAL, str(error)))
+        if service.worker.state == "error":  # the server's model, not the request: 503, the message says why
+            return error_reply(ApiError(p.ErrorCode.MODEL_UNAVAILABLE, str(error)))
         if error.retry_after_s is None:
             return error_reply(ApiError(p.ErrorCode.BUSY, str(error)))
         return error_reply(busy(str(error), error.retry_after_s))

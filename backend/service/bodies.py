@@ -59,17 +59,19 @@ class BodySlots:
             yield
 
 
-async def drain(request: Request) -> None:
-    """Read and drop what the client still sends (up to DRAIN_LIMIT_BYTES), so that it hears the error reply."""
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read and drop what the client still sends (up to DRAIN_LIMIT_BYTES), so that it hears the error reply.
+    `chunks` is `request.stream()`, or the stream a reader has begun: Starlette opens a body's stream once, and a
+    chunked body that overflows in its last chunk has already been read to its end."""
     drained = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         drained += len(chunk)
         if drained > DRAIN_LIMIT_BYTES:
             break
 
 
-async def _too_large(request: Request, size: str, limit: int) -> ApiError:
-    await drain(request)
+async def _too_large(chunks: AsyncIterator[bytes], size: str, limit: int) -> ApiError:
+    await drain(chunks)
     return ApiError(p.ErrorCode.PAYLOAD_TOO_LARGE,
                     f"the request body has {size} bytes, more than this endpoint's limit of {limit} bytes")
 
@@ -78,12 +80,13 @@ async def read_body(request: Request, limit: int) -> bytearray:
     """The whole body, refused with 413 above `limit` bytes (checked on Content-Length first, then as it streams)."""
     declared = _declared_length(request)
     if declared is not None and declared > limit:
-        raise await _too_large(request, str(declared), limit)
+        raise await _too_large(request.stream(), str(declared), limit)
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream()
+    async for chunk in chunks:
         body += chunk
         if len(body) > limit:
-            raise await _too_large(request, f"more than {limit}", limit)
+            raise await _too_large(chunks, f"more than {limit}", limit)
     return body
 
 
@@ -91,9 +94,10 @@ async def read_exactly(request: Request, n_bytes: int) -> np.ndarray:
     """A body of exactly `n_bytes` (Content-Length, if given, was checked) into one uint8 array of that size."""
     buffer = np.empty(n_bytes, np.uint8)
     received = 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    async for chunk in chunks:
         if received + len(chunk) > n_bytes:
-            await drain(request)
+            await drain(chunks)
             raise ApiError(p.ErrorCode.VALIDATION, f"body: has more than the {n_bytes} bytes the shape needs")
         buffer[received:received + len(chunk)] = np.frombuffer(chunk, np.uint8)
         received += len(chunk)
@@ -105,10 +109,10 @@ async def read_exactly(request: Request, n_bytes: int) -> np.ndarray:
 async def check_declared_length(request: Request, n_bytes: int, limit: int) -> None:
     """Before reading: 413 above `limit`, 422 when Content-Length differs from the `n_bytes` the shape needs."""
     if n_bytes > limit:
-        raise await _too_large(request, str(n_bytes), limit)
+        raise await _too_large(request.stream(), str(n_bytes), limit)
     declared = _declared_length(request)
     if declared is not None and declared != n_bytes:
-        await drain(request)
+        await drain(request.stream())
         raise ApiError(p.ErrorCode.VALIDATION, f"body: Content-Length is {declared} but the shape needs {n_bytes} "
                                                "bytes")
 

@@ -50,11 +50,13 @@ class ClientGone(Exception):
     """The client closed its connection before its answer was ready; there is no one to answer."""
 
 
+def shortened(message: str) -> str:
+    """At most MAX_MESSAGE_CHARS: what a reply quotes (client input, a model's load error) stays readable."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def error_reply(error: ApiError) -> JSONResponse:
-    message = error.message
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
-    body = p.ErrorResponse(error.code, message).to_dict()
+    body = p.ErrorResponse(error.code, shortened(error.message)).to_dict()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 

@@ -20,7 +20,7 @@ from .bodies import (
     MAX_SMALL_JSON_BYTES, check_declared_length, drain, read_exactly, read_message, require_content_type,
 )
 from .engine_calls import chat_response, check_greedy, check_temperature, query_response
-from .errors import ApiError, ClientGone, busy
+from .errors import ApiError, ClientGone, busy, shortened
 from .jobs import SweepJob
 from .security import check_client_version, require_token
 from .volumes import model_view_of_scan
@@ -33,7 +33,8 @@ _OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": description + ' (body {"error": {"code", "message"}})'}
     for status, description in ((401, "missing or wrong access token"), (409, "incompatible client API version"),
-                                (413, "body too large"), (422, "invalid request"), (503, "busy or loading"))}
+                                (413, "body too large"), (422, "invalid request"),
+                                (503, "busy, loading, or the model failed to load (model_unavailable)"))}
 
 health_router = APIRouter(dependencies=[Depends(require_token)])
 # The token first: a client without it learns nothing else (not even whether its version would fit).
@@ -52,10 +53,12 @@ def _reply(message: Schema, status: int = 200) -> JSONResponse:
 def health(request: Request) -> JSONResponse:
     service = _service(request)
     engine = service.worker.engine
-    return _reply(p.Health(status=service.worker.state, api_version=p.API_VERSION,
+    state = service.worker.state
+    return _reply(p.Health(status=state, api_version=p.API_VERSION,
                            model_id=engine.model_id if engine is not None else "",
                            device=engine.device if engine is not None else service.device_hint,
-                           busy=service.worker.busy))
+                           busy=service.worker.busy,
+                           message=shortened(service.worker.load_error) if state == "error" else None))
 
 
 @api_router.get(p.ROUTE_INFO, summary="The model, its tasks and prompts, its device and the server's limits")
@@ -116,7 +119,7 @@ async def upload_volume(request: Request) -> JSONResponse:
     try:
         reservation = service.volumes.reserve(n_bytes)
     except ApiError:
-        await drain(request)  # so that the client hears why instead of a connection reset
+        await drain(request.stream())  # so that the client hears why instead of a connection reset
         raise
     with reservation:
         array = int16_array(await read_exactly(request, n_bytes), shape)

@@ -10,7 +10,6 @@ from SlicerMiniGPTPancreas import protocol as p
 from SlicerMiniGPTPancreas.wire_arrays import MAX_VOLUME_BYTES
 
 from .bodies import BodySlots
-from .errors import ApiError
 from .jobs import JobStore
 from .engine_calls import EngineCalls
 from .security import BearerAuth
@@ -76,11 +75,8 @@ class Service:
         self.jobs.cancel_all("the server shut down")
 
     def ready_engine(self) -> Any:
-        """The loaded engine, for its description; 503 while loading, 500 when loading failed."""
-        engine = self.worker.engine
-        if engine is not None:
-            return engine
-        if self.worker.state == "error":
-            raise ApiError(p.ErrorCode.INTERNAL, f"the model failed to load ({self.worker.load_error}); fix the "
-                                                 "model files and restart the server")
-        raise ApiError(p.ErrorCode.BUSY, "the model is still loading", headers={"Retry-After": "10"})
+        """The loaded engine, for its description; else the worker's WorkerUnavailableError (503: loading, or
+        "model_unavailable" when loading failed)."""
+        if self.worker.engine is None:
+            self.worker.check_available()  # raises, unless the engine was set (with state "ok") meanwhile
+        return self.worker.engine

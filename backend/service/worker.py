@@ -19,6 +19,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from SlicerMiniGPTPancreas.errors import UserError
+
 log = logging.getLogger(__name__)
 SWEEP_BATCHES_GUESS = 10  # a sweep's remaining batches are unknown here; guess for Retry-After
 RECENT_CALLS = 20  # Retry-After is estimated from the median of this many recent engine calls
@@ -188,8 +190,13 @@ class EngineWorker:
         if self.state == "loading":
             raise WorkerUnavailableError("the model is still loading", 10)
         if self.state == "error":
-            raise WorkerUnavailableError(f"the model failed to load ({self.load_error}); fix the model files and "
-                                         "restart the server", None)
+            raise WorkerUnavailableError(f"the model failed to load: {self.load_error.rstrip('.')}; then restart "
+                                         "the server", None)
+
+    def check_available(self) -> None:
+        """Raise WorkerUnavailableError while the engine cannot take work (loading, failed, shutting down)."""
+        with self._cond:
+            self._check_available()
 
     def check_room(self) -> None:
         """Raise now what `submit` would: lets a handler refuse a query before it reads the query's body."""
@@ -232,17 +239,24 @@ class EngineWorker:
     def _load(self) -> bool:
         try:
             engine = self._load_engine()
+        except UserError as error:  # a damaged model folder, say: its message says what to do, one log line
+            log.error("the model failed to load: %s", error)
+            self._fail_loading(str(error))
+            return False
         except Exception as error:  # noqa: BLE001 - shown by /healthz and the log, the server stays up to say so
             log.exception("the model failed to load")
-            with self._cond:
-                self.load_error = f"{type(error).__name__}: {error}"
-                self.state = "error"
+            self._fail_loading(f"{type(error).__name__}: {error}; the server log has the traceback")
             return False
         with self._cond:
             self._engine = engine
             self.state = "ok"
         log.info("model %s ready on %s", getattr(engine, "model_id", "?"), getattr(engine, "device", "?"))
         return True
+
+    def _fail_loading(self, message: str) -> None:
+        with self._cond:
+            self.load_error = message
+            self.state = "error"
 
     def _run(self, item: _Task | BatchJob) -> bool:
         """Run one task or one batch of a job; True when the job has more batches."""
