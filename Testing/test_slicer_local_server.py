@@ -129,6 +129,24 @@ def test_stop_ends_the_child_and_its_port_stops_answering(demo_server):
         logic.check_server()
 
 
+def test_a_model_that_fails_to_load_is_reported_at_once_with_the_reason(tmp_path):
+    from model_folders import bundled_model_copy
+
+    broken = bundled_model_copy(tmp_path / "model")
+    (broken / "trainable.safetensors").write_bytes(b"\0" * 64)  # found only while loading: the sha256 differs
+    logic = logic_at(f"http://127.0.0.1:{free_port()}")
+    logic.local_server.model_dir = str(broken)
+    if not Path(logic.local_server.executable).is_file():
+        logic.local_server.executable = str(Path(sys.executable).parent / "minigpt-pancreas")
+    started = time.monotonic()
+    try:
+        with pytest.raises(local_server.LocalServerError, match="model failed to load.*sha256 differs"):
+            logic.start_local_server(timeout_s=START_S)
+    finally:
+        logic.stop_local_server()
+    assert time.monotonic() - started < START_S / 2  # said when the server knew, not when the wait ran out
+
+
 def test_a_missing_executable_is_reported_with_the_full_command(tmp_path):
     logic = logic_at(f"http://127.0.0.1:{free_port()}")
     logic.local_server.executable = str(tmp_path / "bin" / "minigpt-pancreas")

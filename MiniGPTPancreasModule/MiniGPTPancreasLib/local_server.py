@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from SlicerMiniGPTPancreas import protocol as p
-from SlicerMiniGPTPancreas.client import ClientError, MiniGPTPancreasClient
+from SlicerMiniGPTPancreas.client import ClientError, MiniGPTPancreasClient, ServerError
 from SlicerMiniGPTPancreas.errors import UserError
 
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]
@@ -107,6 +107,8 @@ class LocalServer:
                 health = client.check_connection()
                 if health.status == "ok":
                     return health
+            except ServerError as error:  # it listens, but its model failed to load: waiting will not help
+                raise LocalServerError(f"{error} The command was: {self.shown}") from error
             except ClientError:
                 pass  # not listening yet
             if self.process is not None and self.process.poll() is not None:
