@@ -86,7 +86,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a model folder: {MANIFEST_FILE} is missing. Create one with "
                               "`minigpt-pancreas import-upstream` (or finish an interrupted save).")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON, absurdly nested
         raise CheckpointError(f"cannot read {file}: {error}. Re-create the model folder.") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

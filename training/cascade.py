@@ -39,7 +39,7 @@ class CascadeState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        self.data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
         self._started, self._earlier_minutes = time.monotonic(), self.data.get("minutes", 0.0)
 
     def stage(self, name: str) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _task_score(result: dict[str, Any]) -> float:
 
 def _latest(stage_dir: Path) -> dict[str, Any] | None:
     latest = stage_dir / "latest.json"
-    return json.loads(latest.read_text()) if latest.is_file() else None
+    return json.loads(latest.read_text(encoding="utf-8")) if latest.is_file() else None
 
 
 def _engine(model_dir: Path, device: str, batch_size: int):
@@ -234,7 +234,7 @@ def _record_prepared_for_provenance(report: Path) -> None:
     from training.evaluate_report import METRICS_FILE
 
     for name in (RUN_FILE, METRICS_FILE):
-        data = json.loads((report / name).read_text())
+        data = json.loads((report / name).read_text(encoding="utf-8"))
         settings = data if name == RUN_FILE else data["run"]  # metrics.json holds the run's settings under "run"
         settings["prepared"] = provenance_path(settings["prepared"])
         atomic_write_bytes(report / name, (json.dumps(data, indent=1) + "\n").encode())

@@ -98,7 +98,7 @@ def load_cascade(path: str | os.PathLike) -> CascadeConfig:
     """Read and check a cascade file (every stage's fit settings are validated now, before any work)."""
     file = Path(path).absolute()
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CascadeConfigError(f"cascade file {file} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

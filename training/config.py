@@ -149,7 +149,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not file.is_file():
         raise FitConfigError(f"config file {file} does not exist.")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FitConfigError(f"cannot read {file} as JSON: {error}.") from error
     if isinstance(data, dict):
@@ -213,7 +213,7 @@ def resolve_previous_stage(stage_dir: Path, epoch: int | None) -> Path:
         if not latest.is_file():
             raise FitConfigError(f"model.previous_stage: {stage_dir} holds no finished checkpoint ({LATEST_FILE} "
                                  "is missing); run that stage first.")
-        return stage_dir / json.loads(latest.read_text())["model_dir"]
+        return stage_dir / json.loads(latest.read_text(encoding="utf-8"))["model_dir"]
     folder = stage_dir / model_dir_name(epoch)
     if not folder.is_dir():
         saved = sorted(p.name for p in stage_dir.glob("model_epoch_*")) if stage_dir.is_dir() else []
@@ -397,14 +397,14 @@ def prepare_output_dir(config: FitConfig, resume: bool, force: bool) -> dict[str
     if force:
         _remove_run_files(out)
     elif saved.is_file():
-        previous, current = json.loads(saved.read_text()), config.identity()
+        previous, current = json.loads(saved.read_text(encoding="utf-8")), config.identity()
         different = sorted(key for key in set(previous) | set(current)
                            if key not in _NOT_IDENTITY and previous.get(key) != current.get(key))
         if different:
             raise FitConfigError(f"output_dir {out} holds a different run (it differs in: {', '.join(different)}). "
                                  "Choose another output_dir, or pass --force to delete that run and start over.")
         if (out / LATEST_FILE).is_file():
-            latest = json.loads((out / LATEST_FILE).read_text())
+            latest = json.loads((out / LATEST_FILE).read_text(encoding="utf-8"))
         if latest and not resume:  # (the same run without a checkpoint yet has nothing to lose: it starts again)
             raise FitConfigError(f"output_dir {out} already holds this run (saved up to step {latest['step']}); "
                                  "pass --resume to continue it or --force to delete it and start over.")

@@ -65,7 +65,7 @@ class TaskDataset:
     def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
         try:
-            entries = json.loads(spec.task_file.read_text())
+            entries = json.loads(spec.task_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"cannot read task file {spec.task_file}: {error}.") from error
         if not isinstance(entries, list) or not entries:

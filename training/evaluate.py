@@ -58,7 +58,7 @@ def available_tasks(prepared: Path) -> list[str]:
 
 def _is_empty_list(path: Path) -> bool:
     try:
-        return json.loads(path.read_text()) == []
+        return json.loads(path.read_text(encoding="utf-8")) == []
     except (OSError, ValueError):
         return False  # unreadable: load_task says so when the task is asked for
 
@@ -72,7 +72,7 @@ def load_task(prepared: Path, task: str, limit: int | None = None, split: str = 
         raise EvaluateError(f"no {split} set for task {task!r}: {path} is missing. Tasks in {prepared}: {known}."
                             + (" Prepare with --val-ratio to get validation sets." if split == "val" else ""))
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise EvaluateError(f"cannot read {path}: {error}. Re-run `prepare`.") from error
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -219,7 +219,7 @@ def read_run(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise EvaluateError(f"cannot read {path}: {error}. Pass --force to start over.") from error
 

@@ -57,7 +57,7 @@ def _train_entries(prepared: Path, task: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise _Unavailable(f"no training set: {path} is missing")
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise _Unavailable(f"cannot read {path}: {error}") from error
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):

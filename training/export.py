@@ -64,7 +64,7 @@ def model_folder_of(path: Path, epoch: int | None = None) -> Path:
     if is_model_folder or not latest.is_file():
         return path  # read_manifest then says what is missing
     try:
-        return path / json.loads(latest.read_text())["model_dir"]
+        return path / json.loads(latest.read_text(encoding="utf-8"))["model_dir"]
     except (ValueError, KeyError, TypeError) as error:
         raise ModelSourceError(f"{latest} is damaged ({error}); pass one of its model_epoch_N folders.") from error
 

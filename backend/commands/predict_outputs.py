@@ -204,6 +204,6 @@ def _check_replaceable(out: Path, command: str, names: frozenset[str]) -> None:
 
 def _is_earlier_output(folder: Path, command: str) -> bool:
     try:
-        return json.loads((folder / "summary.json").read_text()).get("command") == command
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("command") == command
     except (OSError, ValueError, AttributeError):
         return False

@@ -48,7 +48,7 @@ def model_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     model_id and synthetic False."""
     folder = Path(model_dir)
     try:
-        card = json.loads((folder / MANIFEST_FILE).read_text()).get("card") or {}
+        card = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("card") or {}
     except (OSError, ValueError, AttributeError) as error:
         raise DemoModelError(f"cannot read {folder / MANIFEST_FILE} ({error}); re-create the model folder.") from error
     return {"model_id": card.get("model_id") or folder.resolve().name, "description": card.get("description", ""),
