@@ -166,6 +166,7 @@ def _write(path, image) -> None:
     ("slices_past_end", "has 20 axial slices"),
     ("no_model", "model folder not found"),
     ("empty_prompt", "--prompt is empty"),
+    ("long_prompt", "--prompt has 2001 characters; at most 2000"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_the_earlier_output(case, message, tiny, volumes, tmp_path,
                                                                   capsys):
@@ -185,7 +186,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_earlier_output(case, message
         slices = {"slices_reversed": "5:2", "slices_text": "a:b", "slices_past_end": "10:99"}[case]
     elif case == "no_model":
         model = str(tmp_path / "no-model")
-    extra = ["--prompt", " "] if case == "empty_prompt" else []
+    extra = {"empty_prompt": ["--prompt", " "], "long_prompt": ["--prompt", "[refer] " + "x" * 1993]}.get(case, [])
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"command": "minigpt-pancreas predict"}))  # an earlier output

@@ -32,6 +32,7 @@ from backend.commands.model_options import add_model_arguments, engine_from_args
 from backend.volume_files import read_volume
 from SlicerMiniGPTPancreas.atomic import staged_folder
 from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.protocol import MAX_PROMPT_CHARS
 
 DEFAULT_PROMPT = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # upstream's evaluation refer prompt
 COMMAND_NAME = "minigpt-pancreas predict"  # recorded in summary.json: marks a folder this command may replace
@@ -181,6 +182,9 @@ def _check_options(args: argparse.Namespace, prompt: str) -> None:
     if args.max_new_tokens < 1:
         raise PredictError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     prompts.check_question(prompt, "--prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:  # the service's limit: a longer question would crowd the image out
+        raise PredictError(f"--prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}. Ask a shorter "
+                           "question.")
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:
