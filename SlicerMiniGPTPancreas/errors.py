@@ -13,6 +13,20 @@ what makes an error the user's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """An error the user can fix; `str(error)` is the whole message: what is wrong and what to do."""
+
+
+@contextmanager
+def write_errors_as(error_type: type[UserError], target: object, outcome: str) -> Iterator[None]:
+    """Turn an OSError while writing `target` (no permission, a full disk, a file where a folder should be) into
+    `error_type`: what failed and where, what to do, and `outcome`, what became of the output."""
+    try:
+        yield
+    except OSError as error:
+        raise error_type(f"cannot write {target}: {error.strerror or error}. Free disk space, fix the permissions or "
+                         f"choose another --out; {outcome}") from error

@@ -15,8 +15,7 @@ import csv
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from SlicerMiniGPTPancreas import geometry, markups, preprocess
 from SlicerMiniGPTPancreas.atomic import check_can_stage
-from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.errors import UserError, write_errors_as
 
 OUTPUT_NAMES = frozenset({"answers.json", "boxes.csv", "boxes.mrk.json", "overlays", "summary.json"})
 _OVERLAY = re.compile(r"slice_\d+\.png")  # the only files in overlays/
@@ -178,15 +177,10 @@ def check_output_folder(out: Path, command: str, *, names: Iterable[str] = OUTPU
         check_can_stage(out)
 
 
-@contextmanager
-def writing(out: Path) -> Iterator[None]:
+def writing(out: Path):
     """Turn an OSError while reading or writing `out` into an OutputFolderError that says what to do; the
     staging folder is gone by then and an earlier output untouched (`atomic.staged_folder`)."""
-    try:
-        yield
-    except OSError as error:
-        raise OutputFolderError(f"cannot write --out {out}: {error.strerror or error}. Free disk space, fix the "
-                                "permissions or choose another --out; nothing was written there.") from error
+    return write_errors_as(OutputFolderError, f"--out {out}", "nothing was written there.")
 
 
 def _check_replaceable(out: Path, command: str, names: frozenset[str]) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
-from SlicerMiniGPTPancreas.errors import UserError
+from SlicerMiniGPTPancreas.errors import UserError, write_errors_as
 
 DATASETS = ("nih", "msd", "abdomenct1k")
 # The `dataset` value upstream writes into its records, by our dataset name.
@@ -39,14 +37,9 @@ class OutputError(UserError):
     """The output folder cannot be written: no permission, a full disk, a file where a folder should be."""
 
 
-@contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
+def writing(path: str | os.PathLike):
     """Turn an OSError while writing `path` into an OutputError that names it and says what to do."""
-    try:
-        yield
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}. Free disk space, fix the permissions or "
-                          "choose another --out; finished volumes are kept, so the same command resumes.") from error
+    return write_errors_as(OutputError, path, "finished volumes are kept, so the same command resumes.")
 
 
 @dataclass(frozen=True)
