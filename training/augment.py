@@ -12,6 +12,13 @@ push a box out of the frame is redrawn (then left out), so no answer ever descri
 uncovered by a zoom-out are black, as air outside the field of view is after the CT window. Yes/no answers and
 the absent box are unchanged. Left-right flips are not used: they would teach impossible anatomy.
 
+A share of the examples (`focus`) is drawn as a close-up instead: zoomed 1.5-2.5x round the slice's pancreas, its
+centre moved off the gland by up to `focus_jitter` of the side. Why: the model reads a 128 px image, where the
+pancreas spans 6-20 px, and its boxes are off mostly in their centre (on the demo's test slices a box of the
+predicted size at the true centre scores IoU 0.64, the predicted boxes 0.47). Asked again on a close-up round its
+first box (`backend.focus`), a model that has seen close-ups places the gland at two or three times the detail. The
+jitter is larger than the first answer's error, so a close-up never teaches "the gland is in the middle".
+
 The grey levels then pass through a random monotone curve (`adjust_intensity`): the window's ends move and a
 gamma bends what lies between. Why: a model trained on one scanner's (or one phantom generator's) grey levels
 reads organs by their exact brightness. Measured on the demo model trained without it, a gamma of 1.5 on the
@@ -43,22 +50,27 @@ class Augmentation:
     shift: float = 0.12
     window: float = 0.2
     gamma: tuple[float, float] = (0.67, 1.5)
+    focus: float = 0.0  # share of examples drawn as a close-up round the pancreas (where the slice has one)
+    focus_zoom: tuple[float, float] = (1.5, 2.5)
+    focus_jitter: float = 0.1  # how far the close-up's centre may sit off the gland's, a fraction of the side
 
 
 def augment_example(image: Image.Image, answers: Sequence[str], settings: Augmentation,
-                    rng: random.Random) -> tuple[Image.Image, list[str]]:
+                    rng: random.Random, focus_answer: str | None = None) -> tuple[Image.Image, list[str]]:
     """(image, answers) zoomed and shifted together: the trained answer and any other boxes of the same slice (the
-    patch-grounding targets) move under one draw; unchanged when no draw keeps every box inside."""
+    patch-grounding targets) move under one draw; unchanged when no draw keeps every box inside. focus_answer:
+    the slice's pancreas box answer, round which a `settings.focus` share of the draws is a close-up."""
     parsed = [grammar.parse_answer(answer) for answer in answers]
     if any(p.kind not in ("boxes", "yes_no") for p in parsed):
         return image, list(answers)
     width, height = image.size
     boxes = [[grammar.grid_to_pixels(box, width, height) for box in p.grid_boxes if not box.is_absent]
              for p in parsed]
-    for _ in range(_TRIES):
-        zoom = rng.uniform(*settings.zoom)
-        shift = (rng.uniform(-settings.shift, settings.shift) * width,
-                 rng.uniform(-settings.shift, settings.shift) * height)
+    focus = _focus_box(focus_answer, width, height) if settings.focus > 0 else None
+    close_up = focus is not None and rng.random() < settings.focus
+    for attempt in range(_TRIES):  # a close-up that cuts a box (a liver asked) falls back to the plain draw
+        zoom, shift = (_close_up(focus, settings, width, height, rng) if close_up and attempt < _TRIES // 2
+                       else _draw(settings, width, height, rng))
         moved = [[_map_box(box, zoom, shift, width, height) for box in each] for each in boxes]
         if not all(_inside(box, width, height) for each in moved for box in each):
             continue
@@ -66,6 +78,32 @@ def augment_example(image: Image.Image, answers: Sequence[str], settings: Augmen
         if None not in rewritten:
             return _warp(image, zoom, shift), rewritten
     return image, list(answers)
+
+
+def _draw(settings: Augmentation, width: int, height: int, rng: random.Random) -> tuple[float, tuple[float, float]]:
+    zoom = rng.uniform(*settings.zoom)
+    return zoom, (rng.uniform(-settings.shift, settings.shift) * width,
+                  rng.uniform(-settings.shift, settings.shift) * height)
+
+
+def _close_up(box: tuple[float, float, float, float], settings: Augmentation, width: int, height: int,
+              rng: random.Random) -> tuple[float, tuple[float, float]]:
+    """(zoom, shift) of a view `zoom` times closer whose centre is the box's, moved by the jitter and kept where
+    the view lies inside the slice (as `backend.focus` crops at inference)."""
+    zoom = rng.uniform(*settings.focus_zoom)
+    shift = []
+    for low, high, side in ((box[0], box[2], width), (box[1], box[3], height)):
+        half_view = (side - 1) / (2 * zoom)
+        centre = (low + high) / 2 + rng.uniform(-settings.focus_jitter, settings.focus_jitter) * side
+        centre = min(max(centre, half_view), side - 1 - half_view)
+        shift.append(-zoom * (centre - (side - 1) / 2))  # _map_box sends `centre` to the frame's centre
+    return zoom, (shift[0], shift[1])
+
+
+def _focus_box(answer: str | None, width: int, height: int) -> tuple[float, float, float, float] | None:
+    parsed = grammar.parse_answer(answer) if answer else None
+    present = [box for box in parsed.grid_boxes if not box.is_absent] if parsed else []
+    return grammar.grid_to_pixels(present[0], width, height) if present else None
 
 
 def adjust_intensity(image: Image.Image, settings: Augmentation, rng: random.Random) -> Image.Image:

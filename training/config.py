@@ -325,14 +325,17 @@ def _fraction(where: str, value: Any) -> float:
 
 def _augmentation(where: str, value: Any) -> Augmentation | None:
     """null/false: off; true: the default ranges; {"zoom": [low, high], "shift": fraction, "window": fraction,
-    "gamma": [low, high]}: these ranges (a key left out keeps its default)."""
+    "gamma": [low, high], "focus": share, "focus_zoom": [low, high], "focus_jitter": fraction}: these ranges (a
+    key left out keeps its default)."""
     if value is None or value is False:
         return None
     if value is True:
         return Augmentation()
-    if not isinstance(value, dict) or set(value) - {"zoom", "shift", "window", "gamma"}:
+    if not isinstance(value, dict) or set(value) - {"zoom", "shift", "window", "gamma", "focus", "focus_zoom",
+                                                                 "focus_jitter"}:
         raise FitConfigError(f"{where} must be true, false or an object with some of \"zoom\": [low, high], "
-                             f"\"shift\": fraction, \"window\": fraction, \"gamma\": [low, high]; got {value!r}.")
+                             f"\"shift\": fraction, \"window\": fraction, \"gamma\": [low, high], \"focus\": "
+                             f"share, \"focus_zoom\": [low, high], \"focus_jitter\": fraction; got {value!r}.")
     defaults = Augmentation()
     zoom = _range(f"{where}.zoom", value.get("zoom", list(defaults.zoom)), 0.25, 4)
     gamma = _range(f"{where}.gamma", value.get("gamma", list(defaults.gamma)), 0.25, 4)
@@ -342,7 +345,14 @@ def _augmentation(where: str, value: Any) -> Augmentation | None:
     window = _fraction(f"{where}.window", value.get("window", defaults.window))
     if window > 0.4:
         raise FitConfigError(f"{where}.window must be at most 0.4 (the grey range would fold), got {window!r}.")
-    return Augmentation(zoom=zoom, shift=shift, window=window, gamma=gamma)
+    focus = _fraction(f"{where}.focus", value.get("focus", defaults.focus))
+    focus_zoom = _range(f"{where}.focus_zoom", value.get("focus_zoom", list(defaults.focus_zoom)), 1, 4)
+    focus_jitter = _fraction(f"{where}.focus_jitter", value.get("focus_jitter", defaults.focus_jitter))
+    if focus_jitter > 0.25:
+        raise FitConfigError(f"{where}.focus_jitter must be at most 0.25 (the gland would leave a 2x close-up), "
+                             f"got {focus_jitter!r}.")
+    return Augmentation(zoom=zoom, shift=shift, window=window, gamma=gamma, focus=focus, focus_zoom=focus_zoom,
+                        focus_jitter=focus_jitter)
 
 
 def _range(where: str, value: Any, lowest: float, highest: float) -> tuple[float, float]:

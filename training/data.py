@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from backend.image import preprocess_image
-from backend.prompts import caption_text, sample_refer_instruction, sample_tc_instruction
+from backend.prompts import PANCREAS_PHRASE, caption_text, sample_refer_instruction, sample_tc_instruction
 from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation, adjust_intensity, augment_example
 from training.config import DatasetSpec
@@ -192,7 +192,7 @@ class TrainingData:
                 if self.augment is not None:
                     rng = random.Random(seed)
                     image, (answer, *moved) = augment_example(image.convert("RGB"), [answer, *grounding.values()],
-                                                              self.augment, rng)
+                                                              self.augment, rng, grounding.get(PANCREAS_PHRASE))
                     grounding = dict(zip(grounding, moved))
                     image = adjust_intensity(image, self.augment, rng)
                 return preprocess_image(image, self.image_size), answer, grounding
