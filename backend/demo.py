@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orientation", default=None, metavar="CODE",
                         help="store the CT in this axis-aligned orientation (LPS, RAS, LAS, RPI, ASL, LSP...) instead "
                              "of the one drawn with the scan; the answers must not change")
-    add_model_arguments(parser)
+    add_model_arguments(parser, close_up=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +81,7 @@ def _run_into(folder: Path, out: Path, engine, seed: int, orientation: str | Non
     details = {"command": COMMAND_NAME, "volume": str(out / ct_path.name), "prompt": "cascade",
                "model": engine.model_id, "synthetic_model": engine.synthetic, "device": engine.device,
                "precision": engine.precision, "image_variant": engine.image_variant,
-               "box_decoding": engine.box_decoding,
+               "box_decoding": engine.box_decoding, "close_up_zoom": engine.close_up_zoom,
                "phantom": {"seed": seed, "orientation": ct.orientation, "shape_kji": list(ct.shape),
                            "spacing_mm": [round(v, 3) for v in ct.spacing]}}
     shown = {s: [box for box in pair if box is not None] for s, pair in zip(slices, truth) if any(pair)}

@@ -60,7 +60,7 @@ class InferenceEngine:
 
     def __init__(self, model, *, batch_size: int | str = 8, box_decoding: str = "center", image_variant: str = "window",
                  model_id: str | None = None, precision: str | None = None, synthetic: bool = False,
-                 image_cache_bytes: int = 1 << 30) -> None:
+                 image_cache_bytes: int = 1 << 30, close_up_zoom: float | None = None) -> None:
         """model: a loaded `backend.model.MiniGPTv2` (put in eval mode here). batch_size: slices per model call, or
         "auto": sized to memory (`backend.batching.auto_batch_size`). box_decoding, image_variant: the defaults
         of `run` and `chat`, which take either per call: box_decoding "center" (the middle of the grid cell) or
@@ -68,7 +68,9 @@ class InferenceEngine:
         ("window" = upstream HEAD, "paper"). precision: how the weights are
         held, for reports (default: the model's compute dtype, e.g. "float32"). synthetic: the model was trained
         on synthetic data only (a demonstration model; the service reports it). image_cache_bytes: how much
-        memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question."""
+        memory (host RAM) the kept image embeddings may use; 0 encodes every slice again for every question.
+        close_up_zoom: the model's second, closer look (`backend.close_up`), which the cascade sweep and
+        `evaluate` use; None: the model is asked once."""
         if batch_size == "auto":
             batch_size = auto_batch_size(model)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -81,6 +83,7 @@ class InferenceEngine:
         self.image_variant = _checked_image_variant(image_variant)
         self.model_id: str = model_id or "minigpt-v2"
         self.synthetic = synthetic
+        self.close_up_zoom = close_up_zoom
         self.device: str = str(model.device)
         self.precision: str = precision or str(model.compute_dtype).removeprefix("torch.")
         self.image_size: int = model.config.vision.image_size
@@ -100,7 +103,7 @@ class InferenceEngine:
         (`minigpt-pancreas-train export`), else the folder's name.
         Loading errors (`backend.CheckpointError`, `QuantizationError`) say what is wrong with the files."""
         from backend.demo_model import model_card
-        from backend.model_dir import load_model
+        from backend.model_dir import close_up_zoom, load_model
 
         torch_dtype = resolve_dtype(dtype, device)
         model = load_model(path, dtype=torch_dtype, device=device, quantization=quantization)
@@ -109,7 +112,8 @@ class InferenceEngine:
             precision = f"{quantization} weights, {precision} compute"
         card = model_card(path)
         return cls(model, batch_size=batch_size, box_decoding=box_decoding, image_variant=image_variant,
-                   model_id=model_id or card["model_id"], precision=precision, synthetic=card["synthetic"])
+                   model_id=model_id or card["model_id"], precision=precision, synthetic=card["synthetic"],
+                   close_up_zoom=close_up_zoom(path))
 
     # ---------------------------------------------------------------------------------------------- running
 

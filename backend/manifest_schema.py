@@ -57,6 +57,7 @@ SHA256 = Leaf("64 hex digits (a sha256)", lambda value: isinstance(value, str)
               and re.fullmatch(r"[0-9a-f]{64}", value) is not None)
 MODEL_ID = Leaf("1-200 printable characters", lambda value: isinstance(value, str) and 0 < len(value) <= 200
                 and value.isprintable())
+ZOOM = Leaf("a number from 1 to 4", lambda value: (_whole(value) or isinstance(value, float)) and 1 <= value <= 4)
 _LEAF_OF_TYPE = {int: COUNT, float: NUMBER, str: TEXT, tuple[str, ...]: TEXTS}
 
 
@@ -76,6 +77,7 @@ MANIFEST = {
     "tokenizer": Maybe({"file": TEXT, **_FILE}),  # written by export
     "card": Maybe({"model_id": Maybe(MODEL_ID), "description": Maybe(ANY_TEXT), "synthetic": Maybe(BOOL),
                    "created": Maybe(ANY_TEXT)}),
+    "inference": Maybe({"close_up_zoom": Maybe(ZOOM)}),  # how the model is meant to be asked (backend.close_up)
 }
 
 

@@ -105,6 +105,12 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def close_up_zoom(model_dir: str | os.PathLike) -> float | None:
+    """The manifest's `inference.close_up_zoom` (a model trained for a second, closer look; `backend.close_up`),
+    or None (asked once, as upstream's model is)."""
+    return (read_manifest(model_dir).get("inference") or {}).get("close_up_zoom")
+
+
 def check_base_files(manifest: dict[str, Any], verify_hashes: bool = False, vit_checkpoint: str | None = None,
                      llama_dir: str | None = None, *, model_dir: str | os.PathLike | None = None
                      ) -> tuple[BaseFiles, list[str]]:

@@ -58,6 +58,12 @@ TC_EVAL_PROMPT = (
     "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
 )
 
+# The questions a model trained for a closer look (backend.close_up) is asked of a close-up round its pancreas box:
+# the pancreas and tumour refer prompts of the evaluation, and every tumour yes/no prompt.
+CLOSE_UP_QUESTIONS: frozenset[str] = frozenset((
+    REFER_EVAL_TEMPLATE.format(PANCREAS_PHRASE), REFER_EVAL_TEMPLATE.format(TUMOR_PHRASE), TC_EVAL_PROMPT,
+    *(template.format(question) for template in TC_INSTRUCTION_TEMPLATES for question in TC_QUESTIONS)))
+
 # `blip_caption` text processor (LAVIS `BlipCaptionProcessor.pre_caption`, max_words 50).
 _CAPTION_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _CAPTION_SPACES = re.compile(r"\s{2,}")

@@ -137,8 +137,9 @@ def _validate(config: CascadeConfig, stage: StageSpec, epoch: int, device: str) 
     engine = _engine(stage_dir / model_dir_name(epoch), device, config.evaluate.get("batch_size", 16))
     out = stage_dir / "validation" / f"epoch_{epoch}"
     tasks = [load_task(config.prepared, name, stage.select_limit, split="val") for name in stage.select_tasks]
+    close_up_zoom = (config.export or {}).get("close_up_zoom")  # asked as the exported model will be
     for task in tasks:  # yes/no with a training prompt: the model is mid-training, not under upstream's test
-        predict_task(engine, config.prepared, out, task, yes_no_prompt=TUMOUR_QUESTION)
+        predict_task(engine, config.prepared, out, task, yes_no_prompt=TUMOUR_QUESTION, close_up_zoom=close_up_zoom)
     predictions = {task.name: checked_predictions(out, task) for task in tasks}
     metrics, _ = score_all(tasks, predictions)
     return sum(_task_score(metrics["tasks"][task.name]) for task in tasks) / len(tasks)
@@ -170,15 +171,17 @@ def _engine(model_dir: Path, device: str, batch_size: int):
 def _evaluate_final(config: CascadeConfig, model_dir: Path, state: CascadeState, device: str,
                     say: Say) -> dict[str, Any]:
     """Evaluate the final model on the test split; again only when the model changed (its manifest's hash)."""
-    from backend.model_dir import provenance_path, read_manifest
+    from backend.model_dir import close_up_zoom, provenance_path, read_manifest
     from training.evaluate import evaluate, rescore, run_settings
 
     out = config.output_dir / EVALUATION_FOLDER
     manifest = read_manifest(model_dir)
-    identity = json.loads(json.dumps({key: manifest[key] for key in ("tensors", "base")}))  # weights, not card
+    # the weights and how they are asked, not the card
+    identity = json.loads(json.dumps({key: manifest.get(key) for key in ("tensors", "base", "inference")}))
     if state.data.get("evaluated") == identity and (out / "metrics.json").is_file():
         return rescore(out, config.prepared, config.evaluate.get("tasks"), config.evaluate.get("limit"))
-    settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", provenance_path(model_dir), config.prepared)
+    settings = run_settings(f"sha256:{manifest['tensors']['sha256']}", provenance_path(model_dir), config.prepared,
+                            close_up_zoom=close_up_zoom(model_dir))
     engine = _engine(model_dir, device, config.evaluate.get("batch_size", 16))
     settings.update(device=engine.device, precision=engine.precision)
     say(f"[cascade] evaluate {model_dir} on the test split -> {out}")
@@ -196,7 +199,8 @@ def _export(config: CascadeConfig, chosen: Path, state: CascadeState, say: Say) 
     from training.export import export_model
 
     target = Path(config.export["out"])
-    options = {key: config.export[key] for key in ("description", "synthetic", "half_base") if key in config.export}
+    options = {key: config.export[key] for key in ("description", "synthetic", "half_base", "close_up_zoom")
+               if key in config.export}
     if "model_id" in config.export:  # the weights' hash tells two builds apart
         sha = read_manifest(chosen)["tensors"]["sha256"]
         options["model_id"] = f"{config.export['model_id']}-{sha[:8]}"

@@ -18,7 +18,7 @@
       "final": "tumor_detection",                         the stage whose chosen model is evaluated and exported
       "evaluate": {"tasks": [...], "limit": null, "batch_size": 16},   (the `_test.json` files; default all)
       "export": {"out": "...", "model_id": "...", "description": "...", "synthetic": true,
-                 "half_base": true}                       (optional; see `training.export.export_model`)
+                 "half_base": true, "close_up_zoom": 2.0} (optional; see `training.export.export_model`)
     }
 
 With `export`, the final model is exported first and the EXPORTED folder is what `evaluate` scores, so the
@@ -119,7 +119,8 @@ def load_cascade(path: str | os.PathLike) -> CascadeConfig:
         raise CascadeConfigError(f"{file}: 'final' is {data['final']!r}, not one of the stages {names}.")
     export = _object(data["export"], f"{file}: export") if data.get("export") else None
     if export is not None:
-        _refuse_unknown(export, {"out", "model_id", "description", "synthetic", "half_base"}, f"{file}: export")
+        _refuse_unknown(export, {"out", "model_id", "description", "synthetic", "half_base", "close_up_zoom"},
+                        f"{file}: export")
         export = {**export, "out": str(_path(base, export.get("out"), f"{file}: export.out"))}
     evaluate = _object(data.get("evaluate", {}), f"{file}: evaluate")
     config = CascadeConfig(file, output_dir, prepared, phantoms, prepare, stages, data["final"], evaluate, export)

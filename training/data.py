@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from backend.image import preprocess_image
-from backend.prompts import PANCREAS_PHRASE, caption_text, sample_refer_instruction, sample_tc_instruction
+from backend.prompts import PANCREAS_PHRASE, TUMOR_PHRASE, caption_text, sample_refer_instruction, sample_tc_instruction
 from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation, adjust_intensity, augment_example
 from training.config import DatasetSpec
@@ -57,6 +57,15 @@ def training_example(entry: dict[str, Any], rng: random.Random) -> tuple[str, st
     if entry.get("phrase"):
         return sample_refer_instruction(rng, entry["phrase"]), entry["answer"]
     return sample_tc_instruction(rng), caption_text(entry["answer"])
+
+
+def _close_up_centre(entry: dict[str, Any]) -> str | None:
+    """The pancreas box round which a close-up of this example may be drawn: only for the questions asked of a
+    close-up at inference (pancreas, tumour, tumour yes/no; `backend.close_up`), so the other organs are learnt
+    on whole slices, as they are asked."""
+    if entry.get("phrase") not in (None, PANCREAS_PHRASE, TUMOR_PHRASE):
+        return None
+    return grounding_targets(entry).get(PANCREAS_PHRASE)
 
 
 class TaskDataset:
@@ -178,21 +187,22 @@ class TrainingData:
         # one seed per example (not one shared rng), so the threads' order cannot change what is drawn
         seeds = [f"{self.augment_seed}/{self.examples_drawn + k}" for k in range(len(indices))]
         self.examples_drawn += len(indices)
-        work = [(source.image_paths[i], pair[1], grounding_targets(source.entries[i]), seed)
-                for i, pair, seed in zip(indices, pairs, seeds)]
+        work = [(source.image_paths[i], pair[1], grounding_targets(source.entries[i]),
+                 _close_up_centre(source.entries[i]), seed) for i, pair, seed in zip(indices, pairs, seeds)]
         loading = [self._pool.submit(self._load, job) for job in work] if self._pool else list(map(self._load, work))
         return _DrawnBatch(loading, [p[0] for p in pairs], dataset)
 
-    def _load(self, work: tuple[Path, str, dict[str, str], str]) -> tuple[torch.Tensor, str, dict[str, str]]:
+    def _load(self, work: tuple[Path, str, dict[str, str], str | None, str]
+              ) -> tuple[torch.Tensor, str, dict[str, str]]:
         """([3, S, S] model input, answer, grounding targets) of one example, all moved by the augmentation when
         it is on."""
-        path, answer, grounding, seed = work
+        path, answer, grounding, close_up_centre, seed = work
         try:
             with Image.open(path) as image:
                 if self.augment is not None:
                     rng = random.Random(seed)
                     image, (answer, *moved) = augment_example(image.convert("RGB"), [answer, *grounding.values()],
-                                                              self.augment, rng, grounding.get(PANCREAS_PHRASE))
+                                                              self.augment, rng, close_up_centre)
                     grounding = dict(zip(grounding, moved))
                     image = adjust_intensity(image, self.augment, rng)
                 return preprocess_image(image, self.image_size), answer, grounding

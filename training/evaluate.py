@@ -20,6 +20,7 @@ saved answers, so `rescore` compares protocols without the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 from SlicerMiniGPTPancreas.atomic import atomic_write_bytes
 from training.augment import GreyCurve, apply_grey_curve
 from training.evaluate_baseline import add_baselines
+from training.evaluate_close_up import answer_looking_closer
 from training.evaluate_figures import DEFAULT_EXAMPLES, FIGURE_FILES, remove_examples, write_figures
 from training.evaluate_report import REPORT_FILES, write_reports
 from training.evaluate_scoring import score_all
@@ -41,7 +43,7 @@ RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 TEST_SUFFIX = "_test.json"
 # run.json keys that must match for saved predictions to be reused (the prepared folder may move).
-_SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts", "grey_curve")
+_SAME_RUN_KEYS = ("model_id", "max_new_tokens", "constrain_boxes", "prompts", "grey_curve", "close_up_zoom")
 _DETECTION_KEYS = ("q_id", "image", "answer", "phrase", "bbox", "width", "height")
 _YES_NO_KEYS = ("q_id", "image", "answer")
 
@@ -171,10 +173,13 @@ def _load_rgb(prepared: Path, entry: dict[str, Any], grey_curve: list[float] | N
 
 def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_tokens: int = 20,
                  constrain_boxes: bool = False, progress: Progress | None = None,
-                 yes_no_prompt: str | None = None, grey_curve: list[float] | None = None) -> int:
+                 yes_no_prompt: str | None = None, grey_curve: list[float] | None = None,
+                 close_up_zoom: float | None = None) -> int:
     """Answer the entries of `task` that have no saved answer yet, one engine batch at a time; return how many.
     yes_no_prompt: ask yes/no entries this instead of upstream's evaluation prompt; grey_curve: [low, high,
-    gamma] of `training.augment.GreyCurve`, applied to every slice first (another scanner's contrast)."""
+    gamma] of `training.augment.GreyCurve`, applied to every slice first (another scanner's contrast);
+    close_up_zoom: ask pancreas, tumour and tumour yes/no entries of a close-up round the model's own pancreas box
+    (`evaluate_close_up`), as `predict --cascade` does."""
     path = predictions_path(out, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     done, broken = read_predictions(path)
@@ -187,14 +192,17 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
         batch = pending[begin: begin + engine.batch_size]
         questions = [yes_no_prompt if yes_no_prompt and task.kind == "yes_no" else entry_prompt(task, entry)
                      for entry in batch]
-        results = engine.run_rgb([_load_rgb(prepared, entry, grey_curve) for entry in batch], questions,
-                                 max_new_tokens=max_new_tokens,
-                                 constrain_boxes=constrain_boxes and task.kind == "detection")
-        _append(path, [{"q_id": entry["q_id"], "image": entry["image"], "prompt": question, "answer": result.answer,
-                        "yes_probability": result.yes_probability,
-                        "box_confidence": result.boxes[0].confidence if result.boxes else None,
-                        "seconds": round(result.inference_ms / 1000, 4)}
-                       for entry, question, result in zip(batch, questions, results)])
+        images = [_load_rgb(prepared, entry, grey_curve) for entry in batch]
+        ask = functools.partial(engine.run_rgb, max_new_tokens=max_new_tokens,
+                                constrain_boxes=constrain_boxes and task.kind == "detection")
+        looks = answer_looking_closer(ask, task, batch, images, questions, close_up_zoom) if close_up_zoom \
+            else [{"answer": result.answer, "result": result} for result in ask(images, questions)]
+        _append(path, [{"q_id": entry["q_id"], "image": entry["image"], "prompt": question, "answer": look["answer"],
+                        "yes_probability": look["result"].yes_probability,
+                        "box_confidence": look["result"].boxes[0].confidence if look["result"].boxes else None,
+                        "seconds": round(look["result"].inference_ms / 1000, 4),
+                        **{key: value for key, value in look.items() if key not in ("answer", "result")}}
+                       for entry, question, look in zip(batch, questions, looks)])
         answered += len(batch)
         if progress is not None:
             progress(task.name, answered, len(task.entries))
@@ -205,11 +213,11 @@ def predict_task(engine, prepared: Path, out: Path, task: TaskSet, *, max_new_to
 
 def run_settings(model_id: str, model_description: str, prepared: Path, *, max_new_tokens: int = 20,
                  constrain_boxes: bool = False, grey_curve: GreyCurve | None = None,
-                 **details: Any) -> dict[str, Any]:
+                 close_up_zoom: float | None = None, **details: Any) -> dict[str, Any]:
     """The run.json record. model_id identifies the weights (e.g. the model folder's tensors sha256)."""
     return {"command": COMMAND_NAME, "model_id": model_id, "model": model_description,
             "prepared": str(Path(prepared).absolute()), "max_new_tokens": max_new_tokens,
-            "constrain_boxes": constrain_boxes, "prompts": prompts_used(),
+            "constrain_boxes": constrain_boxes, "close_up_zoom": close_up_zoom, "prompts": prompts_used(),
             "grey_curve": [grey_curve.low, grey_curve.high, grey_curve.gamma] if grey_curve else None, **details}
 
 
@@ -268,7 +276,7 @@ def evaluate(engine, prepared: Path, out: Path, settings: dict[str, Any], tasks:
     for task in task_sets:
         predict_task(engine, prepared, out, task, max_new_tokens=settings["max_new_tokens"],
                      constrain_boxes=settings["constrain_boxes"], progress=progress,
-                     grey_curve=settings.get("grey_curve"))
+                     grey_curve=settings.get("grey_curve"), close_up_zoom=settings.get("close_up_zoom"))
     return _score_and_report(out, Path(prepared), task_sets, settings, examples)
 
 

@@ -71,11 +71,13 @@ def model_folder_of(path: Path, epoch: int | None = None) -> Path:
 
 def export_model(source: Path, out: Path, *, epoch: int | None = None, model_id: str | None = None,
                  description: str | None = None, synthetic: bool = False, force: bool = False,
-                 half_base: bool = False) -> dict[str, Any]:
+                 half_base: bool = False, close_up_zoom: float | None = None) -> dict[str, Any]:
     """Export the model `source` names (see `model_folder_of`) into the new folder `out`; return its manifest.
     force: replace an `out` that holds files (only once the new folder is complete). half_base: store the base
     weights in float16, as upstream ships eva_vit_g.pth and LLaMA-2 (half the size; the trained tensors stay
-    float32). The copies then differ from the source's base, so evaluate the exported folder, not the source."""
+    float32). The copies then differ from the source's base, so evaluate the exported folder, not the source.
+    close_up_zoom: the manifest's `inference.close_up_zoom` (`backend.close_up`; 0 removes it, None keeps the
+    source's)."""
     folder = model_folder_of(Path(source), epoch)
     manifest = read_manifest(folder)
     base = _checked_source(folder, manifest)
@@ -86,6 +88,8 @@ def export_model(source: Path, out: Path, *, epoch: int | None = None, model_id:
         staging.chmod(0o755)  # a temporary folder is private (0700); a model folder is meant to be shared
         exported = {**manifest, **_copy_files(folder, manifest, base, staging, half_base), "card": card,
                     "exported_from": provenance_path(folder)}
+        if close_up_zoom is not None:
+            exported["inference"] = {**(manifest.get("inference") or {}), "close_up_zoom": close_up_zoom or None}
         (staging / MANIFEST_FILE).write_text(json.dumps(exported, indent=2) + "\n")
     return exported
 

@@ -41,7 +41,8 @@ def write_model_card(path: Path, config: CascadeConfig, state: dict[str, Any], m
         by_epoch = sorted(record.get("scores", {}).items(), key=lambda item: int(item[0]))
         scores = ", ".join(f"{epoch}: {score:.3f}" for epoch, score in by_epoch) or "none (last epoch kept)"
         lines.append(f"| {stage.name} | {start} | {record.get('chosen_epoch')} | {scores} |")
-    lines += ["", f"The exported model is stage `{config.final}`.", "", _data_line(config), "",
+    lines += ["", f"The exported model is stage `{config.final}`.", "", _data_line(config), "", _close_up_line(config),
+              "",
               "## Test-split numbers (STRICT protocol: every entry counts, an unreadable answer scores 0)", "",
               "| structure | n | mean IoU | fixed box (mean training box) |", "|---|---|---|---|"]
     lines += [row for row in (_detection_row(metrics, *spec) for spec in _DETECTION_ROWS) if row]
@@ -51,6 +52,17 @@ def write_model_card(path: Path, config: CascadeConfig, state: dict[str, Any], m
     lines += ["", "Every table of the evaluation, under upstream's protocols too, is in `report/tables.md`; figures in "
               "`report/`.", ""]
     path.write_text("\n".join(line for line in lines if line is not None) + "\n", encoding="utf-8")
+
+
+def _close_up_line(config: CascadeConfig) -> str | None:
+    zoom = config.export.get("close_up_zoom")
+    if not zoom:
+        return None
+    return (f"It is asked about the pancreas and its tumour in two looks (`inference.close_up_zoom` {zoom:g} in its "
+            "manifest; `backend/close_up.py`): the pancreas box of the whole slice, then the question again of a "
+            f"window {zoom:g} times closer round that box. The window comes from the model's own first answer, never "
+            "from the truth. The pancreas and tumour numbers below are of those two-look answers, as "
+            "`predict --cascade` gives them.")
 
 
 def _detection_row(metrics: dict, task: str, organ: str | None, label: str) -> str | None:

@@ -32,7 +32,8 @@ def write_cascade_outputs(folder: Path, view: geometry.ModelView, slices: Sequen
     write_json(folder / "answers.json", {
         "model": details["model"], "questions": QUESTIONS,
         "slices": [{"slice": s, "pancreas": asdict(a.pancreas), "tumour_yes_no": asdict(a.tumour_yes_no),
-                    "tumour": asdict(a.tumour) if a.tumour is not None else None} for s, a in zip(slices, answers)]})
+                    "tumour": asdict(a.tumour) if a.tumour is not None else None, **_close_up(a)}
+                   for s, a in zip(slices, answers)]})
     overlays = _write_overlays(folder / "overlays", view, pancreas, tumour, truth or {}, details["image_variant"])
     summary = {
         **details,
@@ -49,6 +50,15 @@ def write_cascade_outputs(folder: Path, view: geometry.ModelView, slices: Sequen
     }
     write_json(folder / "summary.json", summary)
     return summary
+
+
+def _close_up(answers: CascadeAnswers) -> dict:
+    """Where the later answers were asked of a close-up: its window [x0, y0, x1, y1) (slice pixels) and the
+    whole slice's first pancreas answer. The boxes above are in slice pixels; the answers' words are the model's,
+    about the window."""
+    if answers.window is None:
+        return {}
+    return {"close_up": {"window": answers.window.as_list(), "first_look": asdict(answers.first_look)}}
 
 
 def _write_overlays(folder: Path, view: geometry.ModelView, pancreas: list[BoxRecord], tumour: list[BoxRecord],

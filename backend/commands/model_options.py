@@ -12,6 +12,7 @@ import argparse
 import re
 from pathlib import Path
 
+from backend.close_up import MAX_ZOOM, MIN_ZOOM
 from SlicerMiniGPTPancreas.errors import UserError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,10 +41,22 @@ def batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number") from None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+def close_up_zoom_value(text: str) -> float:
+    """argparse type of --close-up-zoom: 0 (ask once) or a zoom from 1 to 4."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != 0 and not MIN_ZOOM <= value <= MAX_ZOOM:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 (ask once) or a zoom from {MIN_ZOOM:g} to {MAX_ZOOM:g}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, close_up: bool = False) -> argparse._MutuallyExclusiveGroup:
     """Add the model options; returns the group of --model / --upstream, for a command's other exclusive sources.
     --batch-size defaults to auto (sized to memory, `backend.batching.auto_batch_size`: 64 slices for the demo
-    model on a CPU); answers do not depend on the batch size, only speed and memory do."""
+    model on a CPU); answers do not depend on the batch size, only speed and memory do. close_up: add
+    --close-up-zoom, for the commands that ask the cascade's questions (`backend.close_up`)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, metavar="DIR",
                         help="a model folder (import-upstream, training export, fit's model_epoch_N); default: the "
@@ -60,6 +73,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyEx
                         help="load the LLaMA weights in 8 or 4 bits (CUDA + bitsandbytes)")
     parser.add_argument("--batch-size", type=batch_size, default="auto", metavar="N",
                         help="slices per model call, or auto: sized to memory (default auto)")
+    if close_up:
+        parser.add_argument("--close-up-zoom", type=close_up_zoom_value, default=None, metavar="Z",
+                            help="ask the pancreas and tumour questions again of a close-up Z times closer round "
+                                 "the first pancreas box (1-4), or 0: once. Default: as the model folder says "
+                                 "(the bundled demo model was trained for it; upstream's model is asked once)")
     return source
 
 
@@ -89,9 +107,21 @@ def engine_from_args(args: argparse.Namespace):
     """The `backend.engine.InferenceEngine` the options describe (call `resolve_model_source` first)."""
     from backend.engine import load_engine
 
-    return load_engine(model_dir=args.model, upstream=args.upstream, image_size=args.image_size, device=args.device,
-                       dtype=None if args.dtype == "auto" else args.dtype, quantization=args.quantization,
-                       batch_size=args.batch_size)
+    engine = load_engine(model_dir=args.model, upstream=args.upstream, image_size=args.image_size,
+                         device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                         quantization=args.quantization, batch_size=args.batch_size)
+    if hasattr(args, "close_up_zoom"):
+        engine.close_up_zoom = close_up_zoom_of(args)
+    return engine
+
+
+def close_up_zoom_of(args: argparse.Namespace) -> float | None:
+    """--close-up-zoom (0: None), else what the model folder says (None for --upstream files)."""
+    from backend.model_dir import close_up_zoom
+
+    if args.close_up_zoom is not None:
+        return args.close_up_zoom or None
+    return close_up_zoom(args.model) if args.model is not None else None
 
 
 def _check_model_folder(folder: Path) -> None:

@@ -46,7 +46,7 @@ class PredictError(UserError, ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", metavar="VOLUME", type=Path,
                         help="CT volume: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder of one DICOM series")
-    add_model_arguments(parser)
+    add_model_arguments(parser, close_up=True)
     parser.add_argument("--prompt", default=None, help=f"question for every slice (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--cascade", action="store_true",
                         help="ask the paper's cascade instead of one question: the pancreas box on every slice, "
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "model": engine.model_id, "device": engine.device, "precision": engine.precision,
         "image_variant": engine.image_variant, "box_decoding": engine.box_decoding,
         "constrain_boxes": args.constrain_boxes, "resampled": resampled,
+        "close_up_zoom": engine.close_up_zoom if args.cascade else None,
     }
     if args.cascade:
         answers = sweep_volume(engine, view, chosen, args.max_new_tokens)
@@ -146,7 +147,7 @@ def sweep_volume(engine, view, chosen: range, max_new_tokens: int = 20) -> list:
             bar.update(done - bar.n)
 
         return sweep_cascade(engine, [view.slice(s) for s in chosen], max_new_tokens=max_new_tokens,
-                             progress=progress)
+                             progress=progress, close_up_zoom=engine.close_up_zoom)
 
 
 def parse_slices(text: str | None, count: int) -> range:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from backend import prompts
+from backend.close_up import close_ups, in_slices
 from backend.decoding import SamplingOptions
 from backend.engine import InferenceEngine
 from SlicerMiniGPTPancreas import protocol as p
@@ -20,6 +22,7 @@ from SlicerMiniGPTPancreas import protocol as p
 from .errors import ApiError
 
 DETECTION_TAG = "[refer]"
+PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)
 MIN_TEMPERATURE = 0.01
 
 
@@ -50,10 +53,19 @@ class EngineCalls:
 
     def run(self, engine: InferenceEngine, slices_hu: Sequence[np.ndarray], prompt: str,
             options: p.AnswerOptions) -> list[Any]:
-        """Greedy answers (engine SliceResults) to `prompt` on each slice."""
-        constrain = self.constrain_boxes and prompt.lstrip().lower().startswith(DETECTION_TAG)
-        return engine.run(list(slices_hu), prompt, max_new_tokens=options.max_new_tokens, constrain_boxes=constrain,
-                          box_decoding=options.box_decoding, image_variant=options.image_variant)
+        """Greedy answers (engine SliceResults) to `prompt` on each slice. A model trained for a closer look
+        (`backend.close_up`) is asked the cascade's pancreas and tumour questions of a close-up round its own
+        pancreas box, as `predict --cascade` asks them."""
+        def ask(slices: Sequence[np.ndarray], question: str) -> list[Any]:
+            constrain = self.constrain_boxes and question.lstrip().lower().startswith(DETECTION_TAG)
+            return engine.run(list(slices), question, max_new_tokens=options.max_new_tokens,
+                              constrain_boxes=constrain, box_decoding=options.box_decoding,
+                              image_variant=options.image_variant)
+
+        if not engine.close_up_zoom or prompt.strip() not in prompts.CLOSE_UP_QUESTIONS:
+            return ask(slices_hu, prompt)
+        windows, crops = close_ups(ask(slices_hu, PANCREAS_QUESTION), list(slices_hu), engine.close_up_zoom)
+        return in_slices(windows, ask(crops, prompt))
 
     def chat(self, engine: InferenceEngine, request: p.ChatRequest) -> Any:
         """The engine's answer to the last user turn (upstream's chat template drops earlier answers)."""

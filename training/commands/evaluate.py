@@ -8,14 +8,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from backend.commands.model_options import add_model_arguments, engine_from_args, resolve_model_source
+from backend.commands.model_options import (add_model_arguments, close_up_zoom_of, engine_from_args,
+                                            resolve_model_source)
 from training.evaluate_figures import DEFAULT_EXAMPLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", type=Path, metavar="OUT",
                         help="the output folder of `prepare` (with tasks/); with --rescore, default: the one used")
-    source = add_model_arguments(parser)  # --model may also be a fit output folder: its latest model
+    source = add_model_arguments(parser, close_up=True)  # --model may also be a fit output folder: its latest model
     source.add_argument("--rescore", action="store_true",
                         help="score the answers saved in --out again, without the model (fast)")
     parser.add_argument("--tasks", metavar="T1,T2", help="comma-separated task names (default: every task with a "
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     model_id, description, name = _model_identity(args)
     out = args.out or Path(f"evaluation-{name}")
     settings = run_settings(model_id, description, args.prepared, max_new_tokens=args.max_new_tokens,
-                            constrain_boxes=args.constrain_boxes, grey_curve=_grey_curve(args.grey_curve))
+                            constrain_boxes=args.constrain_boxes, grey_curve=_grey_curve(args.grey_curve),
+                            close_up_zoom=close_up_zoom_of(args))
     # Everything cheap is checked before the model loads: a typo should not cost minutes.
     resolve_tasks(args.prepared, tasks, args.limit, check_images=True)
     check_run_folder(out, settings, args.force)

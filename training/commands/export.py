@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from backend.commands.model_options import close_up_zoom_value
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -29,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--half-base", action="store_true",
                         help="store the base weights in float16, as upstream ships them (half the size; evaluate "
                              "the exported folder afterwards, its answers may differ in the last digits)")
+    parser.add_argument("--close-up-zoom", type=close_up_zoom_value, metavar="Z",
+                        help="record that the model is asked pancreas and tumour questions again of a close-up Z "
+                             "times closer round its first pancreas box (1-4; a model trained on close-ups, "
+                             "fit's augment.focus); predict --cascade and evaluate then do so. 0: asked once")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = export_model(args.run, args.out, epoch=args.epoch, model_id=args.model_id,
                             description=args.description, synthetic=args.synthetic, force=args.force,
-                            half_base=args.half_base)
+                            half_base=args.half_base, close_up_zoom=args.close_up_zoom)
     card = manifest["card"]
     files = [manifest["tensors"], manifest["tokenizer"], manifest["base"]["vit_checkpoint"],
              *manifest["base"]["llama_dir"]["files"].values()]
