@@ -185,3 +185,31 @@ def test_a_manifest_with_an_impossible_zoom_is_refused_in_one_line(tmp_path):
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="inference.close_up_zoom is 9, expected a number from 1 to 4"):
         read_manifest(folder)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def test_predict_asks_a_cascade_question_of_the_close_up_and_records_the_zoom(tmp_path, demo_engine, capsys):
+    import SimpleITK as sitk
+
+    from backend import cli
+    from backend.close_up import answer_closer
+    from SlicerMiniGPTPancreas import geometry, phantom_writers
+
+    ct = phantom.make_phantom(11, tumour=True, spacing=(2.0, 2.0, 6.0))
+    volume = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(phantom_writers.to_sitk_image(ct), str(volume))
+    argv = ["predict", str(volume), "--slices", "10:13", "--batch-size", "8", "--close-up-zoom", "2"]
+    assert cli.main(argv + ["--out", str(tmp_path / "closer")]) == 0
+    assert cli.main(argv[:-2] + ["--out", str(tmp_path / "default")]) == 0  # as the bundled model says
+    closer, default = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("closer", "default"))
+    assert closer["close_up_zoom"] == 2.0 and default["close_up_zoom"] == demo_engine.close_up_zoom
+    view = geometry.ModelView.from_volume(*geometry.volume_from_sitk(sitk.ReadImage(str(volume))))
+    slices = [view.slice(s) for s in range(10, 13)]
+    expected = answer_closer(lambda some, q: demo_engine.run(some, q), slices, PANCREAS_QUESTION, 2.0)
+    written = json.loads((tmp_path / "closer" / "answers.json").read_text())["slices"]
+    assert [s["boxes"][0]["box"] for s in written] == [list(r.boxes[0].box) for r in expected]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(argv[:-1] + ["9", "--out", str(tmp_path / "bad")])
+    assert "is not 0 (ask once) or a zoom from 1 to 4" in capsys.readouterr().err

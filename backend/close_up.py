@@ -15,12 +15,15 @@ pixels; answers keep the model's words, which are about the window.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from backend import prompts
+
 MIN_ZOOM, MAX_ZOOM = 1.0, 4.0
+PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # the first look
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,16 @@ def window_round(box: tuple[float, float, float, float], rows: int, cols: int, z
         starts.append((min(max(start, 0), side - length), length))
     (row0, height), (col0, width) = starts
     return Window(row0, col0, row0 + height, col0 + width)
+
+
+def answer_closer(ask: Callable[[list, str], list], slices: Sequence[np.ndarray], prompt: str,
+                  zoom: float | None) -> list:
+    """`ask(slices, prompt)`'s answers; with a zoom, a question of `prompts.CLOSE_UP_QUESTIONS` is asked of the
+    close-ups round the boxes of `ask(slices, <the pancreas question>)`, its boxes moved back to the slices."""
+    if not zoom or prompt.strip() not in prompts.CLOSE_UP_QUESTIONS:
+        return ask(list(slices), prompt)
+    windows, crops = close_ups(ask(list(slices), PANCREAS_QUESTION), slices, zoom)
+    return in_slices(windows, ask(crops, prompt))
 
 
 def close_ups(first_looks: Sequence, images: Sequence[np.ndarray], zoom: float

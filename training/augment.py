@@ -12,12 +12,15 @@ push a box out of the frame is redrawn (then left out), so no answer ever descri
 uncovered by a zoom-out are black, as air outside the field of view is after the CT window. Yes/no answers and
 the absent box are unchanged. Left-right flips are not used: they would teach impossible anatomy.
 
-A share of the examples (`focus`) is drawn as a close-up instead: zoomed 1.5-2.5x round the slice's pancreas, its
-centre moved off the gland by up to `focus_jitter` of the side. Why: the model reads a 128 px image, where the
-pancreas spans 6-20 px, and its boxes are off mostly in their centre (on the demo's test slices a box of the
-predicted size at the true centre scores IoU 0.64, the predicted boxes 0.47). Asked again on a close-up round its
-first box (`backend.focus`), a model that has seen close-ups places the gland at two or three times the detail. The
-jitter is larger than the first answer's error, so a close-up never teaches "the gland is in the middle".
+A share (`focus`) of the examples given a pancreas box to look round (`training.data` gives it for the questions
+asked of a close-up at inference: pancreas, tumour, tumour yes/no) is drawn as a close-up instead: zoomed
+1.5-2.5x round the slice's pancreas, its centre moved off the gland by up to `focus_jitter` of the side. Why: the
+model reads a 128 px image, where the pancreas spans 6-20 px, and its boxes are off mostly in their centre (on
+the previous demo model's test slices, a box of the predicted size at the true centre would have scored IoU 0.64,
+its boxes 0.47). Asked again of a close-up round its first box (`backend.close_up`), a model that has seen
+close-ups sees the gland at twice the detail. The jitter is larger than the first answer's error, so a close-up
+never teaches "the gland is in the middle". A close-up that would cut a box of the example falls back to the
+plain draw.
 
 The grey levels then pass through a random monotone curve (`adjust_intensity`): the window's ends move and a
 gamma bends what lies between. Why: a model trained on one scanner's (or one phantom generator's) grey levels

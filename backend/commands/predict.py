@@ -87,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the volume was {resampled}", file=sys.stderr)
 
     engine = engine_from_args(args)
+    asked_closer = args.cascade or prompt.strip() in prompts.CLOSE_UP_QUESTIONS  # backend.close_up
     details = {
         "command": COMMAND_NAME, "volume": str(volume.absolute()), "prompt": "cascade" if args.cascade else prompt,
         "model": engine.model_id, "device": engine.device, "precision": engine.precision,
         "image_variant": engine.image_variant, "box_decoding": engine.box_decoding,
         "constrain_boxes": args.constrain_boxes, "resampled": resampled,
-        "close_up_zoom": engine.close_up_zoom if args.cascade else None,
+        "close_up_zoom": engine.close_up_zoom if asked_closer else None,
     }
     if args.cascade:
         answers = sweep_volume(engine, view, chosen, args.max_new_tokens)
@@ -189,12 +190,20 @@ def _check_options(args: argparse.Namespace, prompt: str) -> None:
 
 
 def _predict(engine, slices: list, prompt: str, args: argparse.Namespace) -> list:
+    """The answers to `prompt`, of close-ups where the model asks for them (`backend.close_up`)."""
     from tqdm import tqdm
 
-    with tqdm(total=len(slices), unit="slice", desc="predict", file=sys.stderr) as bar:
-        return engine.run(slices, prompt, max_new_tokens=args.max_new_tokens,
-                          constrain_boxes=args.constrain_boxes,
-                          progress=lambda done, total: bar.update(done - bar.n))
+    from backend.close_up import answer_closer
+
+    with tqdm(unit="answer", desc="predict", file=sys.stderr) as bar:
+        def ask(some: list, question: str) -> list:
+            start = bar.n
+            bar.total = (bar.total or 0) + len(some)
+            return engine.run(some, question, max_new_tokens=args.max_new_tokens,
+                              constrain_boxes=args.constrain_boxes,
+                              progress=lambda done, total: bar.update(start + done - bar.n))
+
+        return answer_closer(ask, slices, prompt, engine.close_up_zoom)
 
 
 def _print_summary(summary: dict, out: Path) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backend import prompts
-from backend.close_up import close_ups, in_slices
+from backend.close_up import answer_closer
 from backend.decoding import SamplingOptions
 from backend.engine import InferenceEngine
 from SlicerMiniGPTPancreas import protocol as p
@@ -22,7 +21,6 @@ from SlicerMiniGPTPancreas import protocol as p
 from .errors import ApiError
 
 DETECTION_TAG = "[refer]"
-PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)
 MIN_TEMPERATURE = 0.01
 
 
@@ -62,10 +60,7 @@ class EngineCalls:
                               constrain_boxes=constrain, box_decoding=options.box_decoding,
                               image_variant=options.image_variant)
 
-        if not engine.close_up_zoom or prompt.strip() not in prompts.CLOSE_UP_QUESTIONS:
-            return ask(slices_hu, prompt)
-        windows, crops = close_ups(ask(slices_hu, PANCREAS_QUESTION), list(slices_hu), engine.close_up_zoom)
-        return in_slices(windows, ask(crops, prompt))
+        return answer_closer(ask, slices_hu, prompt, engine.close_up_zoom)
 
     def chat(self, engine: InferenceEngine, request: p.ChatRequest) -> Any:
         """The engine's answer to the last user turn (upstream's chat template drops earlier answers)."""
