@@ -92,6 +92,8 @@ def test_the_window_is_centred_on_the_box_and_kept_inside_the_slice():
     assert (corner.row0, corner.col0) == (0, 0)
     far = window_round((190, 150, 199, 159), 160, 200, zoom=3.0)
     assert (far.row1, far.col1) == (160, 200)
+    tiny = window_round((2, 2, 4, 4), 12, 9, zoom=4.0)
+    assert (tiny.row1 - tiny.row0, tiny.col1 - tiny.col0) == (8, 8)  # never cut below a slice's smallest size
     with pytest.raises(ValueError, match="from 1.0 to 4.0"):
         window_round(GLAND, 160, 200, zoom=8)
 

@@ -23,6 +23,7 @@ import numpy as np
 from backend import prompts
 
 MIN_ZOOM, MAX_ZOOM = 1.0, 4.0
+MIN_WINDOW_PIXELS = 8  # a tiny slice is not cut below what a slice may be (backend.volume_files)
 PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # the first look
 
 
@@ -55,7 +56,7 @@ def window_round(box: tuple[float, float, float, float], rows: int, cols: int, z
         raise ValueError(f"close-up zoom must be from {MIN_ZOOM} to {MAX_ZOOM}, got {zoom}")
     starts = []
     for low, high, side in ((box[1], box[3], rows), (box[0], box[2], cols)):
-        length = max(1, round(side / zoom))
+        length = min(side, max(MIN_WINDOW_PIXELS, round(side / zoom)))
         start = round((low + high + 1) / 2 - length / 2)  # +1: pixel indices of the box's ends, inclusive
         starts.append((min(max(start, 0), side - length), length))
     (row0, height), (col0, width) = starts
