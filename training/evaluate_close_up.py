@@ -15,12 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from backend import prompts
-from backend.close_up import close_ups, in_slices
+from backend.close_up import PANCREAS_QUESTION, close_ups, in_slices
 from backend.prompts import PANCREAS_PHRASE, TUMOR_PHRASE
 from SlicerMiniGPTPancreas import grammar
-
-FIRST_LOOK = prompts.refer_eval_instruction(PANCREAS_PHRASE)
 
 
 def answer_looking_closer(ask: Callable, task, entries: Sequence[dict[str, Any]], images: Sequence[np.ndarray],
@@ -33,7 +30,7 @@ def answer_looking_closer(ask: Callable, task, entries: Sequence[dict[str, Any]]
     for k, result in zip(plain, ask([images[k] for k in plain], [questions[k] for k in plain]) if plain else []):
         looks[k] = {"answer": result.answer, "result": result}
     if closer:
-        first = ask([images[k] for k in closer], FIRST_LOOK)
+        first = ask([images[k] for k in closer], PANCREAS_QUESTION)
         windows, crops = close_ups(first, [images[k] for k in closer], zoom)
         closer_looks = ask(crops, [questions[k] for k in closer])
         for k, window, first_result, result, moved in zip(closer, windows, first, closer_looks,
