@@ -27,6 +27,12 @@ MIN_WINDOW_PIXELS = 8  # a tiny slice is not cut below what a slice may be (back
 PANCREAS_QUESTION = prompts.refer_eval_instruction(prompts.PANCREAS_PHRASE)  # the first look
 
 
+def asked_closer(phrase: str | None) -> bool:
+    """Whether a question about `phrase` (None: tumour yes/no, which has none) is asked of a close-up; training
+    draws close-ups for the same questions (`training.data`)."""
+    return phrase in (None, prompts.PANCREAS_PHRASE, prompts.TUMOR_PHRASE)
+
+
 @dataclass(frozen=True)
 class Window:
     """Pixel rows [row0, row1) and columns [col0, col1) of a slice."""

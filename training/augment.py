@@ -92,7 +92,7 @@ def _draw(settings: Augmentation, width: int, height: int, rng: random.Random) -
 def _close_up(box: tuple[float, float, float, float], settings: Augmentation, width: int, height: int,
               rng: random.Random) -> tuple[float, tuple[float, float]]:
     """(zoom, shift) of a view `zoom` times closer whose centre is the box's, moved by the jitter and kept where
-    the view lies inside the slice (as `backend.focus` crops at inference)."""
+    the view lies inside the slice (as `backend.close_up` cuts its window at inference)."""
     zoom = rng.uniform(*settings.focus_zoom)
     shift = []
     for low, high, side in ((box[0], box[2], width), (box[1], box[3], height)):

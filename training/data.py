@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from backend.close_up import asked_closer
 from backend.image import preprocess_image
-from backend.prompts import PANCREAS_PHRASE, TUMOR_PHRASE, caption_text, sample_refer_instruction, sample_tc_instruction
+from backend.prompts import PANCREAS_PHRASE, caption_text, sample_refer_instruction, sample_tc_instruction
 from SlicerMiniGPTPancreas.errors import UserError
 from training.augment import Augmentation, adjust_intensity, augment_example
 from training.config import DatasetSpec
@@ -63,9 +64,7 @@ def _close_up_centre(entry: dict[str, Any]) -> str | None:
     """The pancreas box round which a close-up of this example may be drawn: only for the questions asked of a
     close-up at inference (pancreas, tumour, tumour yes/no; `backend.close_up`), so the other organs are learnt
     on whole slices, as they are asked."""
-    if entry.get("phrase") not in (None, PANCREAS_PHRASE, TUMOR_PHRASE):
-        return None
-    return grounding_targets(entry).get(PANCREAS_PHRASE)
+    return grounding_targets(entry).get(PANCREAS_PHRASE) if asked_closer(entry.get("phrase")) else None
 
 
 class TaskDataset:

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.close_up import PANCREAS_QUESTION, close_ups, in_slices
-from backend.prompts import PANCREAS_PHRASE, TUMOR_PHRASE
+from backend.close_up import PANCREAS_QUESTION, asked_closer, close_ups, in_slices
 from SlicerMiniGPTPancreas import grammar
 
 
@@ -42,9 +41,7 @@ def answer_looking_closer(ask: Callable, task, entries: Sequence[dict[str, Any]]
 
 
 def _looks_closer(task, entry: dict[str, Any]) -> bool:
-    if task.name.removesuffix("@training_prompt").endswith("_crops"):
-        return False
-    return task.kind == "yes_no" or entry.get("phrase") in (PANCREAS_PHRASE, TUMOR_PHRASE)
+    return not task.name.removesuffix("@training_prompt").endswith("_crops") and asked_closer(entry.get("phrase"))
 
 
 def _on_slice(result, entry: dict[str, Any]) -> str:
